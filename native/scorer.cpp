@@ -1,0 +1,169 @@
+#include "scorer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace caa {
+
+namespace {
+
+constexpr uint32_t kMaxSequences = 256; // LLAMA_MAX_SEQ in llama.cpp
+
+double log_softmax_at(const float * logits, int32_t n_vocab, llama_token token) {
+    const float max_logit = *std::max_element(logits, logits + n_vocab);
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - max_logit));
+    }
+    return static_cast<double>(logits[token] - max_logit) - std::log(sum);
+}
+
+} // namespace
+
+Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_token>> & prefixes, int32_t n_options,
+               int32_t max_tail)
+    : session_(session), n_options_(n_options), max_tail_(max_tail), n_batch_(session.n_batch()) {
+    if (prefixes.empty() || n_options < 1 || max_tail < 1) {
+        throw std::invalid_argument("scorer needs questions, n_options >= 1 and max_tail >= 1");
+    }
+    const size_t n_seq = prefixes.size() * static_cast<size_t>(n_options);
+    if (n_seq > kMaxSequences) {
+        throw std::invalid_argument(std::to_string(prefixes.size()) + " questions x " + std::to_string(n_options) +
+                                    " options exceed llama.cpp's " + std::to_string(kMaxSequences) + " sequences");
+    }
+    size_t n_ctx = n_seq * static_cast<size_t>(max_tail);
+    for (const auto & p : prefixes) {
+        for (llama_token t : p) {
+            if (t < 0 || t >= session.n_vocab()) {
+                throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
+            }
+        }
+        n_ctx += p.size();
+        prefix_len_.push_back(static_cast<llama_pos>(p.size()));
+    }
+    n_ctx = (n_ctx + 8 + 255) / 256 * 256;
+    ctx_ = make_context(session.model(), static_cast<uint32_t>(n_ctx), n_batch_, static_cast<uint32_t>(n_seq),
+                        session.n_threads());
+    apply_steering(ctx_.get(), Steering{}, session.n_embd());
+
+    // Each prefix token belongs to all of its question's option sequences: decoded once, shared.
+    BatchPtr holder(static_cast<int32_t>(n_batch_), n_options);
+    llama_batch & batch = holder.batch;
+    auto flush = [&] {
+        if (batch.n_tokens == 0) {
+            return;
+        }
+        const int32_t rc = llama_decode(ctx_.get(), batch);
+        batch.n_tokens = 0;
+        if (rc != 0) {
+            throw std::runtime_error("llama_decode failed on a prefix with code " + std::to_string(rc));
+        }
+    };
+    for (size_t q = 0; q < prefixes.size(); ++q) {
+        for (size_t i = 0; i < prefixes[q].size(); ++i) {
+            if (batch.n_tokens == static_cast<int32_t>(n_batch_)) {
+                flush();
+            }
+            const int32_t k = batch.n_tokens++;
+            batch.token[k] = prefixes[q][i];
+            batch.pos[k] = static_cast<llama_pos>(i);
+            batch.n_seq_id[k] = n_options;
+            for (int32_t o = 0; o < n_options; ++o) {
+                batch.seq_id[k][o] = static_cast<llama_seq_id>(q * n_options + o);
+            }
+            batch.logits[k] = false;
+        }
+    }
+    flush();
+}
+
+std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llama_token>>> & continuations,
+                                  const std::vector<std::vector<int32_t>> & n_scored, const Steering & steering) {
+    const size_t n_q = prefix_len_.size();
+    if (continuations.size() != n_q || n_scored.size() != n_q) {
+        throw std::invalid_argument("expected continuations for " + std::to_string(n_q) + " questions, got " +
+                                    std::to_string(continuations.size()));
+    }
+    for (size_t q = 0; q < n_q; ++q) {
+        if (continuations[q].size() != static_cast<size_t>(n_options_) || n_scored[q].size() != continuations[q].size()) {
+            throw std::invalid_argument("question " + std::to_string(q) + ": expected " + std::to_string(n_options_) +
+                                        " continuations");
+        }
+        for (int32_t o = 0; o < n_options_; ++o) {
+            const auto & c = continuations[q][o];
+            const int32_t s = n_scored[q][o];
+            if (c.size() > static_cast<size_t>(max_tail_) || s < 1 || static_cast<size_t>(s) >= c.size()) {
+                throw std::invalid_argument("question " + std::to_string(q) + " option " + std::to_string(o) + ": " +
+                                            std::to_string(c.size()) + " tokens (max " + std::to_string(max_tail_) +
+                                            "), " + std::to_string(s) + " scored (need 1..tokens-1)");
+            }
+            for (llama_token t : c) {
+                if (t < 0 || t >= session_.n_vocab()) {
+                    throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
+                }
+            }
+        }
+    }
+    validate_steering(steering, session_.n_layer(), session_.n_embd());
+    apply_steering(ctx_.get(), steering, session_.n_embd());
+
+    struct Pending {
+        size_t out;       // index into result
+        llama_token next; // token whose log-probability the output row scores
+    };
+    std::vector<double> result(n_q * n_options_, 0.0);
+    std::vector<Pending> pending;
+    BatchPtr holder(static_cast<int32_t>(n_batch_));
+    llama_batch & batch = holder.batch;
+    const int32_t n_vocab = session_.n_vocab();
+    auto flush = [&] {
+        if (batch.n_tokens == 0) {
+            return;
+        }
+        const int32_t rc = llama_decode(ctx_.get(), batch);
+        if (rc != 0) {
+            throw std::runtime_error("llama_decode failed on a continuation with code " + std::to_string(rc));
+        }
+        int32_t row = 0;
+        for (int32_t k = 0; k < batch.n_tokens; ++k) {
+            if (batch.logits[k]) {
+                const Pending & p = pending[row++];
+                result[p.out] += log_softmax_at(llama_get_logits_ith(ctx_.get(), k), n_vocab, p.next);
+            }
+        }
+        pending.clear();
+        batch.n_tokens = 0;
+    };
+    for (size_t q = 0; q < n_q; ++q) {
+        for (int32_t o = 0; o < n_options_; ++o) {
+            const auto & c = continuations[q][o];
+            const size_t first_scored = c.size() - n_scored[q][o];
+            for (size_t i = 0; i < c.size(); ++i) {
+                if (batch.n_tokens == static_cast<int32_t>(n_batch_)) {
+                    flush();
+                }
+                const int32_t k = batch.n_tokens++;
+                batch.token[k] = c[i];
+                batch.pos[k] = prefix_len_[q] + static_cast<llama_pos>(i);
+                batch.n_seq_id[k] = 1;
+                batch.seq_id[k][0] = static_cast<llama_seq_id>(q * n_options_ + o);
+                const bool wants = i + 1 >= first_scored && i + 1 < c.size();
+                batch.logits[k] = wants;
+                if (wants) {
+                    pending.push_back({q * n_options_ + o, c[i + 1]});
+                }
+            }
+        }
+    }
+    flush();
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    for (size_t q = 0; q < n_q; ++q) {
+        for (int32_t o = 0; o < n_options_; ++o) {
+            llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q * n_options_ + o), prefix_len_[q], -1);
+        }
+    }
+    return result;
+}
+
+} // namespace caa

@@ -1,0 +1,36 @@
+// Batched scoring of answer continuations with the paper's position mask.
+// Each question's unsteered prefix is decoded once and kept in the KV cache; every setting
+// (vector, layer, multiplier) then decodes only the steered tails, all questions in one batch.
+#pragma once
+
+#include "session.h"
+
+namespace caa {
+
+class Scorer {
+  public:
+    // prefixes[q]: tokens before the end of question q's instruction (decoded unsteered, once).
+    // n_options: continuations scored per question; max_tail: most tokens one continuation has.
+    Scorer(const Session & session, const std::vector<std::vector<llama_token>> & prefixes, int32_t n_options,
+           int32_t max_tail);
+
+    // continuations[q][o]: tokens after prefix q, from the instruction-end token on; the last
+    // n_scored[q][o] of them are scored (>= 1, and at least one unscored token before them).
+    // Every continuation token is decoded with `steering`. Returns the summed log-probability
+    // of the scored tokens, n_questions x n_options, question-major.
+    std::vector<double> score(const std::vector<std::vector<std::vector<llama_token>>> & continuations,
+                              const std::vector<std::vector<int32_t>> & n_scored, const Steering & steering);
+
+    int32_t n_questions() const { return static_cast<int32_t>(prefix_len_.size()); }
+    int32_t n_options() const { return n_options_; }
+
+  private:
+    const Session & session_;
+    ContextPtr ctx_;
+    int32_t n_options_;
+    int32_t max_tail_;
+    uint32_t n_batch_;
+    std::vector<llama_pos> prefix_len_;
+};
+
+} // namespace caa

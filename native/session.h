@@ -1,0 +1,145 @@
+// caa-local native engine: one llama.cpp model + context, steered generation and scoring.
+// Python owns files, templates and CLI; this owns llama.cpp state and every per-token loop.
+#pragma once
+
+#include <llama.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace caa {
+
+struct ModelDeleter {
+    void operator()(llama_model * m) const { llama_model_free(m); }
+};
+struct ContextDeleter {
+    void operator()(llama_context * c) const { llama_free(c); }
+};
+struct SamplerDeleter {
+    void operator()(llama_sampler * s) const { llama_sampler_free(s); }
+};
+using ModelPtr   = std::unique_ptr<llama_model, ModelDeleter>;
+using ContextPtr = std::unique_ptr<llama_context, ContextDeleter>;
+using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
+
+// A llama_batch freed on scope exit (exceptions included).
+struct BatchPtr {
+    llama_batch batch;
+    explicit BatchPtr(int32_t n_tokens, int32_t n_seq_max = 1) : batch(llama_batch_init(n_tokens, 0, n_seq_max)) {}
+    ~BatchPtr() { llama_batch_free(batch); }
+    BatchPtr(const BatchPtr &) = delete;
+    BatchPtr & operator=(const BatchPtr &) = delete;
+};
+
+// Raised when tokens do not fit in the context; Python drops old turns and retries.
+struct ContextFullError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// A composed steering buffer as llama_set_adapter_cvec takes it.
+struct Steering {
+    std::vector<float> data; // (n_layer - 1) x n_embd floats, from layer 1; empty = none
+    int32_t il_start = -1;   // first steered layer, inclusive
+    int32_t il_end   = -1;   // last steered layer, inclusive
+    bool active() const { return !data.empty(); }
+};
+
+struct SamplingParams {
+    float    temperature    = 0.0f; // <= 0: greedy
+    float    top_p          = 1.0f;
+    int32_t  top_k          = 0;    // 0: off
+    float    min_p          = 0.0f;
+    float    repeat_penalty = 1.0f; // 1: off
+    int32_t  repeat_last_n  = 64;
+    uint32_t seed           = 0;
+};
+
+struct GenerateResult {
+    std::vector<llama_token> tokens;
+    std::string stop_reason; // "eog", "max_tokens", "context", "callback"
+};
+
+// Receives each complete UTF-8 piece; return false to stop generating.
+using PieceCallback = std::function<bool(const std::string &)>;
+
+// Builds a llama.cpp context with the options caa-local uses everywhere.
+ContextPtr make_context(llama_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max,
+                        int32_t n_threads, ggml_backend_sched_eval_callback cb_eval = nullptr,
+                        void * cb_user_data = nullptr);
+
+// Throws std::invalid_argument unless `steering` is empty or fits the model exactly.
+void validate_steering(const Steering & steering, int32_t n_layer, int32_t n_embd);
+
+// Applies `steering` (or clears it) on `ctx`; throws with llama.cpp's code on failure.
+void apply_steering(llama_context * ctx, const Steering & steering, int32_t n_embd);
+
+class Session {
+  public:
+    // n_ctx: tokens of context; n_threads <= 0 picks the hardware count; n_gpu_layers < 0: all.
+    Session(const std::string & model_path, uint32_t n_ctx, int32_t n_threads, int32_t n_gpu_layers,
+            uint32_t n_batch);
+
+    int32_t n_embd() const { return llama_model_n_embd(model_.get()); }
+    int32_t n_layer() const { return llama_model_n_layer(model_.get()); }
+    int32_t n_vocab() const { return llama_vocab_n_tokens(vocab_); }
+    uint32_t n_ctx() const { return llama_n_ctx(ctx_.get()); }
+    int32_t n_threads() const { return n_threads_; }
+    uint32_t n_batch() const { return n_batch_; }
+    llama_model * model() const { return model_.get(); }
+    const llama_vocab * vocab() const { return vocab_; }
+
+    // Model metadata value for `key`, "" when absent.
+    std::string meta(const std::string & key) const;
+    std::string description() const;
+
+    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
+    std::string token_to_piece(llama_token token, bool special) const;
+    std::string detokenize(const std::vector<llama_token> & tokens, bool special) const;
+    bool is_eog(llama_token token) const { return llama_vocab_is_eog(vocab_, token); }
+
+    // Steering used for every token decoded with steered = true from now on.
+    void set_steering(Steering steering);
+    void clear_steering() { steering_ = Steering{}; }
+    const Steering & steering() const { return steering_; }
+
+    // Tokens whose keys/values are in the cache, in order (position i = tokens()[i]).
+    const std::vector<llama_token> & tokens() const { return tokens_; }
+    // Drops cached tokens from position n_keep on.
+    void truncate(size_t n_keep);
+    // Decodes `tokens` after the cached ones; steered=false decodes them with no vector.
+    // `check_interrupt` runs between batches and may throw to stop.
+    void decode(const std::vector<llama_token> & tokens, bool steered,
+                const std::function<void()> & check_interrupt = nullptr);
+    // Samples up to max_tokens tokens after the cached ones, decoding each steered.
+    GenerateResult generate(int32_t max_tokens, const SamplingParams & params, const PieceCallback & on_piece);
+
+    // Output of every block (l_out-N, N = 0..n_layer-1) at the last token of `tokens`,
+    // decoded in a fresh context: positions < steer_from unsteered, the rest with the
+    // current steering. Returns n_layer x n_embd floats, block 0 first. For tests and checks.
+    std::vector<float> layer_outputs(const std::vector<llama_token> & tokens, size_t steer_from) const;
+    // Logits (n_vocab) after `tokens`, decoded as layer_outputs does.
+    std::vector<float> logits_after(const std::vector<llama_token> & tokens, size_t steer_from) const;
+
+  private:
+    void use_steering(bool steered);
+    // A fresh context that has decoded `tokens`: positions < steer_from unsteered, the rest steered.
+    ContextPtr decode_fresh(const std::vector<llama_token> & tokens, size_t steer_from,
+                            ggml_backend_sched_eval_callback cb_eval, void * cb_user_data,
+                            int32_t & last_index) const;
+
+    ModelPtr model_;
+    ContextPtr ctx_;
+    const llama_vocab * vocab_ = nullptr;
+    int32_t n_threads_;
+    uint32_t n_batch_;
+    Steering steering_;
+    bool applied_ = false;         // whether ctx_'s vector is known
+    bool applied_steered_ = false; // and whether it is steering_ (else none)
+    std::vector<llama_token> tokens_;
+};
+
+} // namespace caa
