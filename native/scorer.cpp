@@ -23,32 +23,32 @@ double log_softmax_at(const float * logits, int32_t n_vocab, llama_token token) 
 
 Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_token>> & prefixes, int32_t n_options,
                int32_t max_tail)
-    : session_(session), n_options_(n_options), max_tail_(max_tail), n_batch_(session.n_batch()) {
+    : session_(session), n_options_(n_options), max_tail_(max_tail),
+      n_batch_(std::max<uint32_t>(session.n_batch(), static_cast<uint32_t>(std::max(max_tail, 1)))) {
     if (prefixes.empty() || n_options < 1 || max_tail < 1) {
         throw std::invalid_argument("scorer needs questions, n_options >= 1 and max_tail >= 1");
     }
-    const size_t n_seq = prefixes.size() * static_cast<size_t>(n_options);
-    if (n_seq > kMaxSequences) {
-        throw std::invalid_argument(std::to_string(prefixes.size()) + " questions x " + std::to_string(n_options) +
-                                    " options exceed llama.cpp's " + std::to_string(kMaxSequences) + " sequences");
+    if (prefixes.size() > kMaxSequences) {
+        throw std::invalid_argument(std::to_string(prefixes.size()) + " questions exceed llama.cpp's " +
+                                    std::to_string(kMaxSequences) + " sequences");
     }
-    size_t n_ctx = n_seq * static_cast<size_t>(max_tail);
+    size_t longest = 0;
     for (const auto & p : prefixes) {
         for (llama_token t : p) {
             if (t < 0 || t >= session.n_vocab()) {
                 throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
             }
         }
-        n_ctx += p.size();
+        longest = std::max(longest, p.size());
         prefix_len_.push_back(static_cast<llama_pos>(p.size()));
     }
-    n_ctx = (n_ctx + 8 + 255) / 256 * 256;
-    ctx_ = make_context(session.model(), static_cast<uint32_t>(n_ctx), n_batch_, static_cast<uint32_t>(n_seq),
-                        session.n_threads());
+    // One KV stream per question, each long enough for its prefix and one continuation.
+    const size_t per_seq = (longest + max_tail + 1 + 255) / 256 * 256;
+    ctx_ = make_context(session.model(), static_cast<uint32_t>(per_seq * prefixes.size()), n_batch_,
+                        static_cast<uint32_t>(prefixes.size()), session.n_threads());
     apply_steering(ctx_.get(), Steering{}, session.n_embd());
 
-    // Each prefix token belongs to all of its question's option sequences: decoded once, shared.
-    BatchPtr holder(static_cast<int32_t>(n_batch_), n_options);
+    BatchPtr holder(static_cast<int32_t>(n_batch_));
     llama_batch & batch = holder.batch;
     auto flush = [&] {
         if (batch.n_tokens == 0) {
@@ -68,14 +68,12 @@ Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_toke
             const int32_t k = batch.n_tokens++;
             batch.token[k] = prefixes[q][i];
             batch.pos[k] = static_cast<llama_pos>(i);
-            batch.n_seq_id[k] = n_options;
-            for (int32_t o = 0; o < n_options; ++o) {
-                batch.seq_id[k][o] = static_cast<llama_seq_id>(q * n_options + o);
-            }
+            batch.n_seq_id[k] = 1;
+            batch.seq_id[k][0] = static_cast<llama_seq_id>(q);
             batch.logits[k] = false;
         }
+        flush(); // see score(): one sequence length per llama_decode call
     }
-    flush();
 }
 
 std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llama_token>>> & continuations,
@@ -117,6 +115,7 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
     BatchPtr holder(static_cast<int32_t>(n_batch_));
     llama_batch & batch = holder.batch;
     const int32_t n_vocab = session_.n_vocab();
+    llama_memory_t mem = llama_get_memory(ctx_.get());
     auto flush = [&] {
         if (batch.n_tokens == 0) {
             return;
@@ -135,19 +134,30 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
         pending.clear();
         batch.n_tokens = 0;
     };
-    for (size_t q = 0; q < n_q; ++q) {
-        for (int32_t o = 0; o < n_options_; ++o) {
+    // llama.cpp 0.3.36 computes wrong attention when one llama_decode call holds sequences of
+    // different lengths (measured: every sequence but the first drifts). So each call holds
+    // continuations of one length only. Options go one after another: each question's
+    // sequence holds one continuation at a time.
+    for (int32_t o = 0; o < n_options_; ++o) {
+        std::vector<size_t> order(n_q);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+            return continuations[a][o].size() < continuations[b][o].size();
+        });
+        size_t prev_len = 0;
+        for (size_t q : order) {
             const auto & c = continuations[q][o];
+            if (c.size() != prev_len || batch.n_tokens + c.size() > n_batch_) {
+                flush();
+                prev_len = c.size();
+            }
             const size_t first_scored = c.size() - n_scored[q][o];
             for (size_t i = 0; i < c.size(); ++i) {
-                if (batch.n_tokens == static_cast<int32_t>(n_batch_)) {
-                    flush();
-                }
                 const int32_t k = batch.n_tokens++;
                 batch.token[k] = c[i];
                 batch.pos[k] = prefix_len_[q] + static_cast<llama_pos>(i);
                 batch.n_seq_id[k] = 1;
-                batch.seq_id[k][0] = static_cast<llama_seq_id>(q * n_options_ + o);
+                batch.seq_id[k][0] = static_cast<llama_seq_id>(q);
                 const bool wants = i + 1 >= first_scored && i + 1 < c.size();
                 batch.logits[k] = wants;
                 if (wants) {
@@ -155,12 +165,9 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
                 }
             }
         }
-    }
-    flush();
-    llama_memory_t mem = llama_get_memory(ctx_.get());
-    for (size_t q = 0; q < n_q; ++q) {
-        for (int32_t o = 0; o < n_options_; ++o) {
-            llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q * n_options_ + o), prefix_len_[q], -1);
+        flush();
+        for (size_t q = 0; q < n_q; ++q) {
+            llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q), prefix_len_[q], -1);
         }
     }
     return result;

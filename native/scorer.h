@@ -1,5 +1,5 @@
 // Batched scoring of answer continuations with the paper's position mask.
-// Each question's unsteered prefix is decoded once and kept in the KV cache; every setting
+// Each question's unsteered prefix is decoded once and kept in its own KV stream; every setting
 // (vector, layer, multiplier) then decodes only the steered tails, all questions in one batch.
 #pragma once
 

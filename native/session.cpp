@@ -66,7 +66,9 @@ ContextPtr make_context(llama_model * model, uint32_t n_ctx, uint32_t n_batch, u
     cparams.n_threads       = n_threads;
     cparams.n_threads_batch = n_threads;
     cparams.no_perf         = true;
-    cparams.kv_unified      = true; // scoring shares one prefix between sequences
+    // One KV stream per sequence. (With a unified cache, llama.cpp 0.3.36 gave every sequence
+    // after the first wrong attention when several prompts shared a context: measured.)
+    cparams.kv_unified      = false;
     cparams.cb_eval           = cb_eval;
     cparams.cb_eval_user_data = cb_user_data;
     llama_context * ctx = llama_init_from_model(model, cparams);

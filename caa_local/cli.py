@@ -1,0 +1,116 @@
+"""The `caa-local` command: a thin Click layer over the library.
+
+Commands live in their own modules and are imported only when run, so `caa-local chat`
+starts without loading torch, matplotlib or the evaluation code. Library errors
+(``CaaError``) become one ``Error: ...`` line and exit code 1; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import CaaError
+
+# name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "chat": "caa_local.cli_chat:chat",
+    "generate": "caa_local.cli_chat:generate",
+    "extract": "caa_local.cli_extract:extract",
+    "normalize": "caa_local.cli_extract:normalize",
+    "vector": "caa_local.cli_vector:vector",
+    "eval": "caa_local.cli_eval:eval_group",
+    "analyze": "caa_local.cli_analyze:analyze",
+    "bench": "caa_local.cli_bench:bench",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module_name, attr = self.lazy[name].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="caa-local")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Contrastive Activation Addition: extract steering vectors, steer GGUF models live."""
+    ctx.obj = {"debug": debug}
+
+
+# -- shared options ---------------------------------------------------------------------------
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--model/--ctx/--threads/--gpu-layers, shared by every command that runs the engine."""
+    options = [
+        click.option("model_path", "--model", "-m", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="GGUF model file (default: SmolLM2-135M-Instruct Q4_1)."),
+        click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+                     help="Context size in tokens."),
+        click.option("n_threads", "--threads", "-t", type=int, default=0,
+                     help="CPU threads (default: all cores)."),
+        click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
+                     help="Layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
+                positions: str = "response"):  # noqa: ANN201 - Engine, imported lazily
+    if n_threads < 0:
+        raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
+    from .engine import Engine
+
+    return Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                  positions=positions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="caa-local", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except CaaError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
