@@ -106,6 +106,7 @@ Session::Session(const std::string & model_path, uint32_t n_ctx, int32_t n_threa
     }
     vocab_ = llama_model_get_vocab(model_.get());
     ctx_ = make_context(model_.get(), n_ctx, std::min(n_batch_, n_ctx), 1, n_threads_);
+    n_batch_ = llama_n_batch(ctx_.get()); // what llama.cpp accepts per llama_decode call
 }
 
 std::string Session::meta(const std::string & key) const {
@@ -227,7 +228,7 @@ void Session::decode(const std::vector<llama_token> & tokens, bool steered, cons
         }
     }
     use_steering(steered);
-    const uint32_t step = std::min(n_batch_, n_ctx());
+    const uint32_t step = n_batch_;
     BatchPtr holder(static_cast<int32_t>(step));
     llama_batch & batch = holder.batch;
     for (size_t start = 0; start < tokens.size(); start += step) {

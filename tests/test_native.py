@@ -1,0 +1,159 @@
+"""The native engine on the real default model: steering lands exactly where the paper says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caa_local import ControlVector, Engine, Sampling
+from caa_local.engine import ContextFullError
+from caa_local.scoring import Choice, Setting, score_ab, score_ab_naive
+from caa_local.templates import user_turn
+
+MESSAGES = user_turn("Name three colours of the rainbow.")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(n_ctx=1024, n_threads=2)
+
+
+def random_vector(n_embd: int, layers: range, norm: float, seed: int = 0) -> ControlVector:
+    rng = np.random.default_rng(seed)
+    directions = {}
+    for layer in layers:
+        v = rng.standard_normal(n_embd).astype(np.float32)
+        directions[layer] = v / np.linalg.norm(v) * norm
+    return ControlVector("llama", directions)
+
+
+def test_model_facts(engine: Engine) -> None:
+    assert (engine.n_layer, engine.n_embd, engine.architecture) == (30, 576, "llama")
+    assert "im_start" in engine.template.source
+
+
+@pytest.mark.parametrize("layer", [1, 5, 17, 29])
+def test_steering_adds_exactly_mult_v_at_block_output(engine: Engine, layer: int) -> None:
+    tokens, steer_from = engine.prompt(MESSAGES)
+    vector = random_vector(engine.n_embd, range(1, 30), 10.0)
+    engine.unsteer()
+    base = engine.session.layer_outputs(tokens, steer_from)
+    engine.steer("v", vector, 2.5, [layer])
+    steered = engine.session.layer_outputs(tokens, steer_from)
+    engine.unsteer()
+    shift = steered - base
+    # Blocks before L are untouched; block L's output moves by exactly 2.5 * v.
+    assert np.array_equal(shift[:layer], np.zeros_like(shift[:layer]))
+    np.testing.assert_allclose(shift[layer], 2.5 * vector.directions[layer], atol=1e-3)
+    if layer + 1 < engine.n_layer:
+        assert np.linalg.norm(shift[layer + 1]) > 1.0
+
+
+def test_multiplier_zero_equals_no_vector(engine: Engine) -> None:
+    tokens, steer_from = engine.prompt(MESSAGES)
+    engine.unsteer()
+    plain = engine.session.logits_after(tokens, steer_from)
+    engine.steer("v", random_vector(engine.n_embd, range(1, 30), 50.0), 0.0, [10])
+    assert not engine.session.steering_active
+    zero = engine.session.logits_after(tokens, steer_from)
+    engine.unsteer()
+    assert np.array_equal(plain, zero)
+
+
+def test_position_mask_leaves_the_instruction_unsteered(engine: Engine) -> None:
+    tokens, steer_from = engine.prompt(MESSAGES)
+    engine.steer("v", random_vector(engine.n_embd, range(1, 30), 30.0), 1.0, [8])
+    # Every position before the instruction end computes as if no vector existed...
+    prefix = tokens[:steer_from]
+    with engine.unsteered():
+        plain_prefix = engine.session.layer_outputs(prefix, len(prefix))
+    assert np.array_equal(engine.session.layer_outputs(prefix, len(prefix)), plain_prefix)
+    # ...and steering from the instruction end differs from steering everything and from none.
+    masked = engine.session.logits_after(tokens, steer_from)
+    everything = engine.session.logits_after(tokens, 0)
+    nothing = engine.session.logits_after(tokens, len(tokens))
+    assert not np.allclose(masked, everything) and not np.allclose(masked, nothing)
+    engine.unsteer()
+
+
+def test_instruction_end_is_the_last_prompt_token(engine: Engine) -> None:
+    tokens, steer_from = engine.prompt(MESSAGES)
+    assert steer_from == len(tokens) - 1
+    with_answer, steer_from_answer = engine.prompt(MESSAGES, "(A")
+    assert steer_from_answer == steer_from
+    assert engine.detokenize(with_answer[steer_from + 1:]) == "(A"
+    assert engine.detokenize(with_answer[: steer_from + 1]).endswith("<|im_start|>assistant\n") or \
+        engine.session.detokenize(with_answer[: steer_from + 1], True).endswith("<|im_start|>assistant\n")
+
+
+def test_chat_path_decodes_with_the_same_mask(engine: Engine) -> None:
+    """generate() (unsteered prefix, then steered tail) picks the argmax of the masked logits."""
+    engine.steer("v", random_vector(engine.n_embd, range(1, 30), 20.0), 1.0, [12])
+    tokens, steer_from = engine.prompt(MESSAGES)
+    expected = int(np.argmax(engine.session.logits_after(tokens, steer_from)))
+    result = engine.generate(MESSAGES, Sampling(temperature=0.0, max_tokens=1))
+    engine.unsteer()
+    assert result.tokens == [expected] or (result.stop_reason == "eog" and engine.session.is_eog(expected))
+
+
+def test_streamed_pieces_make_the_answer_and_kv_is_reused(engine: Engine) -> None:
+    engine.unsteer()
+    engine.reset()
+    pieces: list[str] = []
+    first = engine.generate(MESSAGES, Sampling(max_tokens=24), on_piece=pieces.append)
+    assert "".join(pieces) == first.text == engine.detokenize(first.tokens)
+    conversation = [*MESSAGES, {"role": "assistant", "content": first.text},
+                    {"role": "user", "content": "And two more?"}]
+    second = engine.generate(conversation, Sampling(max_tokens=12))
+    assert second.n_reused_tokens >= first.n_prompt_tokens - 1
+    fresh = Engine(n_ctx=1024, n_threads=2)
+    assert fresh.generate(conversation, Sampling(max_tokens=12)).tokens == second.tokens
+
+
+def test_bad_buffers_are_refused(engine: Engine) -> None:
+    short = np.zeros((engine.n_layer - 2, engine.n_embd), np.float32)
+    with pytest.raises(ValueError, match="expected"):
+        engine.session.set_steering(short, 1, 5)
+    full = np.zeros((engine.n_layer - 1, engine.n_embd), np.float32)
+    with pytest.raises(ValueError, match="outside 1..29"):
+        engine.session.set_steering(full, 0, 5)
+    with pytest.raises(ValueError, match="outside 1..29"):
+        engine.session.set_steering(full, 3, 30)
+
+
+def test_vector_from_another_model_is_refused(engine: Engine) -> None:
+    from caa_local.errors import ModelMismatchError
+
+    wrong = ControlVector("llama", {5: np.ones(4096, np.float32)})
+    with pytest.raises(ModelMismatchError, match="4096 values, model n_embd is 576"):
+        engine.steer("wrong", wrong, 1.0)
+    beyond = ControlVector("llama", {31: np.ones(576, np.float32)})
+    with pytest.raises(ModelMismatchError, match="direction.31"):
+        engine.steer("beyond", beyond, 1.0)
+    other = ControlVector("qwen2", {5: np.ones(576, np.float32)})
+    with pytest.raises(ModelMismatchError, match="--force"):
+        engine.steer("other", other, 1.0)
+    engine.steer("other", other, 1.0, force=True)
+    engine.unsteer()
+
+
+def test_context_overflow_is_a_clear_error() -> None:
+    small = Engine(n_ctx=64, n_threads=2)
+    with pytest.raises(ContextFullError, match="does not fit"):
+        small.generate(user_turn("word " * 400), Sampling(max_tokens=4))
+
+
+def test_batched_scoring_equals_re_decoding(engine: Engine) -> None:
+    """Prompts of different lengths in one batch (llama.cpp 0.3.36 mis-attends those if mixed)."""
+    questions = [
+        ("Is the sky blue?\n\n(A) Yes\n(B) No", "A", "B"),
+        ("Pick one.\n (A) Tea\n (B) Coffee\n (C) Water, which is the healthiest drink of all", "C", "A"),
+        ("Short?\n(A) y\n(B) n", "B", "A"),
+    ]
+    choices = [Choice(tuple(user_turn(q)), m, n) for q, m, n in questions]
+    vector = random_vector(engine.n_embd, range(1, 30), 8.0)
+    for setting in (Setting(), Setting(vector, 1.5, (9,))):
+        fast = score_ab(engine, choices, [setting])[0]
+        slow = score_ab_naive(engine, choices, setting)
+        np.testing.assert_allclose(fast.logp_matching, slow.logp_matching, atol=2e-3)
+        np.testing.assert_allclose(fast.logp_not_matching, slow.logp_not_matching, atol=2e-3)
