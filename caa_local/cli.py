@@ -18,23 +18,23 @@ import click
 from . import __version__
 from .errors import CaaError
 
-# name -> "module:attribute" of a click.Command
+# name -> ("module:attribute" of a click.Command, one-line help shown by --help)
 COMMANDS = {
-    "chat": "caa_local.cli_chat:chat",
-    "generate": "caa_local.cli_chat:generate",
-    "extract": "caa_local.cli_extract:extract",
-    "normalize": "caa_local.cli_extract:normalize",
-    "vector": "caa_local.cli_vector:vector",
-    "eval": "caa_local.cli_eval:eval_group",
-    "analyze": "caa_local.cli_analyze:analyze",
-    "bench": "caa_local.cli_bench:bench",
+    "chat": ("caa_local.cli_chat:chat", "Chat with live steering (the main job)."),
+    "generate": ("caa_local.cli_chat:generate", "Answer one prompt, steered."),
+    "extract": ("caa_local.cli_extract:extract", "Extract a CAA vector from A/B data (needs torch)."),
+    "normalize": ("caa_local.cli_extract:normalize", "Normalize vectors across behaviors per layer."),
+    "vector": ("caa_local.cli_vector:vector", "Inspect, list and combine vector files."),
+    "eval": ("caa_local.cli_eval:eval_group", "A/B, open-ended, MMLU and TruthfulQA under steering."),
+    "analyze": ("caa_local.cli_analyze:analyze", "PCA, cosine and steerability analyses."),
+    "bench": ("caa_local.cli_bench:bench", "Benchmarks: every speed claim as ratios from one run."),
 }
 
 
 class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use."""
 
-    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = lazy
 
@@ -43,9 +43,15 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
-            module_name, attr = self.lazy[name].split(":")
+            module_name, attr = self.lazy[name][0].split(":")
             return getattr(importlib.import_module(module_name), attr)
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # From the table, so --help imports no command module.
+        rows = [(name, self.lazy[name][1]) for name in sorted(self.lazy)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine (see README): `make chat` and `make test`.
+# Both create .venv and install into it; pip's wheel cache keeps llama-cpp-python's one
+# llama.cpp build (about 12 minutes on 2 cores) for every later install.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CAA := $(VENV)/bin/caa-local
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: install dev chat test vectors report bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+install: $(PY)
+	$(PIP) install -e .
+
+dev: $(PY)
+	$(PIP) install -c constraints-dev.txt -e '.[extract,dev]'
+
+chat: install
+	$(CAA) chat --vector sentiment
+
+test: dev
+	$(PY) -m pytest
+
+vectors: dev
+	$(PY) scripts/make_vectors.py
+
+report: dev
+	$(CAA) eval report --out report --force
+
+bench: dev
+	$(CAA) bench --json bench.json
+
+clean:
+	rm -rf build .pytest_cache

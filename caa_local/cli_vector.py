@@ -1,0 +1,102 @@
+"""`caa-local vector ...`: inspect, list, combine and check control-vector files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .layers import format_layers, parse_layer_spec
+
+
+@click.group(name="vector")
+def vector() -> None:
+    """Inspect and combine control-vector files (GGUF, as llama.cpp reads them)."""
+
+
+@vector.command(name="info")
+@click.argument("name_or_path")
+def vector_info(name_or_path: str) -> None:
+    """Show a vector's layers, norms and metadata.
+
+    \b
+    Example:
+      caa-local vector info sentiment
+    """
+    from .models import resolve_vector
+    from .vector import ControlVector
+
+    path = resolve_vector(name_or_path)
+    vec = ControlVector.load(path)
+    click.echo(f"file:        {path}")
+    click.echo(f"model hint:  {vec.model_hint}")
+    click.echo(f"n_embd:      {vec.n_embd}")
+    click.echo(f"layers:      {format_layers(vec.layers)} ({len(vec.layers)})")
+    norms = vec.norms()
+    click.echo("norms:       " + ", ".join(f"{layer}:{norm:.2f}" for layer, norm in norms.items()))
+    for key, value in sorted(vec.metadata.items()):
+        click.echo(f"{key + ':':<24} {value}")
+
+
+@vector.command(name="list")
+def vectors_list() -> None:
+    """List the shipped vectors with their recommended layer and multiplier."""
+    from .models import resolve_vector, shipped_vector_names
+    from .vector import ControlVector
+
+    names = shipped_vector_names()
+    if not names:
+        click.echo("no shipped vectors found")
+    for name in names:
+        vec = ControlVector.load(resolve_vector(name))
+        layer = vec.recommended_layer()
+        mult = vec.recommended_multiplier()
+        click.echo(
+            f"{name:<24} layer {layer if layer is not None else '-':<4} "
+            f"multiplier {mult if mult is not None else '-':<6} {vec.metadata.get('behavior', '')}"
+        )
+
+
+@vector.command(name="combine")
+@click.argument("terms", nargs=-1, required=True)
+@click.option("out", "--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output GGUF file.")
+@click.option("layers_spec", "--layers", default=None, help="Keep only these layers, e.g. '10-14'.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def vector_combine(terms: tuple[str, ...], out: Path, layers_spec: str | None, force: bool) -> None:
+    """Write the weighted sum of vectors: TERMS are NAME|FILE[:SCALE].
+
+    \b
+    Example:
+      caa-local vector combine sentiment:1 enthusiasm:-0.5 --out mix.gguf
+    """
+    from .atomic import check_writable
+    from .models import resolve_vector
+    from .vector import ControlVector
+
+    check_writable(out, force)
+    total = None
+    for term in terms:
+        name, scale = split_scale(term)
+        vec = ControlVector.load(resolve_vector(name)) * scale
+        total = vec if total is None else total + vec
+    assert total is not None
+    if layers_spec:
+        total = total.only(parse_layer_spec(layers_spec))
+    total.with_metadata(combined_from=" + ".join(terms)).save(out, force=force)
+    click.echo(f"wrote {out} ({format_layers(total.layers)})")
+
+
+def split_scale(term: str) -> tuple[str, float]:
+    """'name:2.5' -> ('name', 2.5); 'name' -> ('name', 1.0). Paths may contain ':' only before it."""
+    from .errors import CaaError
+    from .steering import check_multiplier
+
+    name, sep, scale_text = term.rpartition(":")
+    if not sep or not name:
+        return term, 1.0
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        raise CaaError(f"{term!r}: scale {scale_text!r} is not a number (use NAME:SCALE)") from None
+    return name, check_multiplier(scale)
