@@ -10,6 +10,7 @@ numpy + gguf only: loading a vector never imports torch.
 from __future__ import annotations
 
 import math
+import mmap
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy.typing as npt
 
 from .atomic import atomic_path
 from .errors import ModelMismatchError, VectorFileError
+from .gguf_check import HEADER_BYTES, MAX_LAYER, check_layout, short
 from .layers import FIRST_STEERABLE_LAYER, layer_from_tensor_name, tensor_name
 
 ARCH = "controlvector"
@@ -29,16 +31,30 @@ KEY_LAYER_COUNT = "controlvector.layer_count"
 META_PREFIX = "caa."
 MAX_FILE_BYTES = 1 << 30  # 1 GiB: far above any real vector (a 70B model's is ~2 MiB)
 MAX_N_EMBD = 1 << 16
-MAX_LAYER = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ControlVector:
     """Steering directions keyed by CAA layer (0-based decoder block, >= 1), all float32."""
 
     model_hint: str
     directions: Mapping[int, npt.NDArray[np.float32]]
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+    # numpy defers to our reflected operators: np.float64(2) * v calls v.__rmul__ (float32
+    # result), and np.ones(3) * v raises TypeError instead of building an object array.
+    __array_ufunc__ = None
+    __hash__ = None  # type: ignore[assignment]  # holds arrays: equal by value, not hashable
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ControlVector):
+            return NotImplemented
+        return (
+            self.model_hint == other.model_hint
+            and dict(self.metadata) == dict(other.metadata)
+            and self.layers == other.layers
+            and all(np.array_equal(v, other.directions[l]) for l, v in self.directions.items())
+        )
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_hint, str):
@@ -47,23 +63,29 @@ class ControlVector:
             raise VectorFileError("a control vector needs at least one layer")
         clean: dict[int, npt.NDArray[np.float32]] = {}
         n_embd = None
-        for layer in sorted(self.directions):
-            if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
-                raise VectorFileError(f"layer keys must be integers, got {layer!r}")
-            layer = int(layer)
-            if not FIRST_STEERABLE_LAYER <= layer <= MAX_LAYER:
+        for key in self.directions:
+            if not isinstance(key, numbers.Integral) or isinstance(key, bool):
+                raise VectorFileError(f"layer keys must be integers, got {key!r}")
+        for key in sorted(self.directions, key=int):
+            layer = int(key)
+            if layer < FIRST_STEERABLE_LAYER:
                 raise VectorFileError(
                     f"{tensor_name(layer)}: llama.cpp cannot steer block {layer} "
                     f"(layers start at {FIRST_STEERABLE_LAYER})"
                 )
-            arr = np.asarray(self.directions[layer])
+            if layer > MAX_LAYER:
+                raise VectorFileError(f"{tensor_name(layer)}: layer {layer} is above {MAX_LAYER}")
+            if layer in clean:
+                raise VectorFileError(f"layer {layer} appears twice")
+            arr = np.asarray(self.directions[key])
             if arr.ndim != 1 or arr.size == 0:
                 raise VectorFileError(
                     f"{tensor_name(layer)}: expected a 1-D array, got shape {arr.shape}"
                 )
             if not np.issubdtype(arr.dtype, np.floating):
                 raise VectorFileError(f"{tensor_name(layer)}: expected floats, got {arr.dtype}")
-            arr = arr.astype(np.float32, copy=True)
+            with np.errstate(over="ignore"):  # overflow becomes Inf, refused below
+                arr = arr.astype(np.float32, copy=True)
             if n_embd is None:
                 n_embd = arr.size
             elif arr.size != n_embd:
@@ -160,7 +182,12 @@ class ControlVector:
     def __truediv__(self, scale: object) -> "ControlVector":
         if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
             return NotImplemented
-        return self * (1.0 / float(scale))
+        if scale == 0:
+            raise ZeroDivisionError("cannot divide a control vector by zero")
+        divisor = np.float32(scale)
+        return ControlVector(
+            self.model_hint, {l: v / divisor for l, v in self.directions.items()}, self.metadata
+        )
 
     def __neg__(self) -> "ControlVector":
         return self * -1.0
@@ -173,16 +200,18 @@ class ControlVector:
         path = Path(path)
         with atomic_path(path, force) as tmp:
             writer = gguf.GGUFWriter(str(tmp), ARCH)
-            writer.add_string(KEY_HINT, self.model_hint)
-            writer.add_uint32(KEY_LAYER_COUNT, len(self.directions))
-            for key, value in sorted(self.metadata.items()):
-                writer.add_string(META_PREFIX + key, value)
-            for layer, direction in self.directions.items():
-                writer.add_tensor(tensor_name(layer), np.ascontiguousarray(direction, np.float32))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
+            try:
+                writer.add_string(KEY_HINT, self.model_hint)
+                writer.add_uint32(KEY_LAYER_COUNT, len(self.directions))
+                for key, value in sorted(self.metadata.items()):
+                    writer.add_string(META_PREFIX + key, value)
+                for layer, direction in self.directions.items():
+                    writer.add_tensor(tensor_name(layer), np.ascontiguousarray(direction, np.float32))
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
 
     @classmethod
     def load(cls, path: Path) -> "ControlVector":
@@ -205,16 +234,17 @@ def _field_value(field_obj) -> object:  # noqa: ANN001 - gguf ReaderField
 
     types = field_obj.types
     if not types:
-        raise VectorFileError(f"key {field_obj.name!r} has no type")
+        raise VectorFileError(f"key {short(field_obj.name)} has no type")
     if types[0] == gguf.GGUFValueType.STRING:
         return bytes(field_obj.parts[-1]).decode("utf-8")
     if types[0] == gguf.GGUFValueType.ARRAY:
         return None
     if len(field_obj.data) != 1:
-        raise VectorFileError(f"key {field_obj.name!r} is malformed")
+        raise VectorFileError(f"key {short(field_obj.name)} is malformed")
     return field_obj.parts[field_obj.data[0]][0].item()
 
 
+# -- GGUF layout check ------------------------------------------------------------------------
 def _read(path: Path) -> ControlVector:
     import gguf
 
@@ -223,19 +253,24 @@ def _read(path: Path) -> ControlVector:
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise VectorFileError(f"file is {size} bytes, too large for a control vector")
+    if size < HEADER_BYTES:
+        raise VectorFileError(f"file is {size} bytes, too short for a GGUF header")
     try:
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            check_layout(buf, min(size, len(buf)))
         reader = gguf.GGUFReader(str(path), "r")
         fields = {name: _field_value(f) for name, f in reader.fields.items()}
         tensors = list(reader.tensors)
     except VectorFileError:
         raise
-    except (Exception, RecursionError) as err:  # the gguf reader raises many types on bad input
+    except Exception as err:  # noqa: BLE001 - the gguf reader raises many types on bad input
         raise VectorFileError(f"not a readable GGUF file ({type(err).__name__}: {err})") from None
 
     arch = fields.get("general.architecture")
     if arch != ARCH:
         raise VectorFileError(
-            f"general.architecture is {arch!r}, expected 'controlvector' (is this a model file?)"
+            f"general.architecture is {short(arch)}, expected 'controlvector' "
+            "(is this a model file?)"
         )
     hint = fields.get(KEY_HINT)
     if not isinstance(hint, str):
@@ -246,26 +281,30 @@ def _read(path: Path) -> ControlVector:
 
     directions: dict[int, np.ndarray] = {}
     for tensor in tensors:
+        where = f"tensor {short(tensor.name)}"
         layer = layer_from_tensor_name(tensor.name)
         if layer is None:
-            raise VectorFileError(f"tensor {tensor.name!r}: expected names 'direction.N'")
+            raise VectorFileError(f"{where}: expected names 'direction.N' (N = 1, 2, ...)")
         if layer == 0:
             raise VectorFileError(
                 "tensor 'direction.0': llama.cpp cannot steer block 0 (use layers 1 and up)"
             )
-        if layer in directions:
-            raise VectorFileError(f"tensor {tensor.name!r} appears twice")
+        if layer in directions:  # names are checked unique above; keep layers unique too
+            raise VectorFileError(f"{where} appears twice")
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise VectorFileError(
-                f"tensor {tensor.name!r} is {tensor.tensor_type.name}, llama.cpp needs F32"
-            )
-        dims = [int(d) for d in tensor.shape if int(d) != 1] or [1]
-        if len(dims) != 1 or not 0 < dims[0] <= MAX_N_EMBD:
-            raise VectorFileError(f"tensor {tensor.name!r} has shape {list(tensor.shape)}, expected 1-D")
-        data = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-        if data.size != dims[0] or int(tensor.n_elements) != dims[0]:
-            raise VectorFileError(f"tensor {tensor.name!r} is truncated")
+            raise VectorFileError(f"{where} is {tensor.tensor_type.name}, llama.cpp needs F32")
+        # GGUF lists dims fastest first (ggml's ne); llama.cpp wants ggml_n_dims == 1, that is
+        # every dim after the first equal to 1.
+        shape = [int(d) for d in tensor.shape]
+        if not shape or any(d != 1 for d in shape[1:]):
+            raise VectorFileError(f"{where} has shape {shape}, expected 1-D")
+        if not 0 < shape[0] <= MAX_N_EMBD:
+            raise VectorFileError(f"{where} has {shape[0]} values, expected 1..{MAX_N_EMBD}")
+        data = np.asarray(tensor.data).reshape(-1)
+        if data.dtype != np.float32 or data.size != shape[0]:
+            raise VectorFileError(f"{where} is truncated")
         directions[layer] = np.array(data, dtype=np.float32, copy=True)
+    del reader, tensors
     if not directions:
         raise VectorFileError("holds no 'direction.N' tensors")
     if layer_count != len(directions) and layer_count < max(directions):
