@@ -21,8 +21,8 @@ from .errors import CaaError
 @click.option("part", "--split", type=click.Choice(["train", "all"]), default="train", show_default=True,
               help="Which part of the data: 'train' keeps the seeded validation split held out.")
 @click.option("layers_spec", "--layers", default="all", show_default=True, help="Layers to extract.")
-@click.option("read", "--read", type=click.Choice(["answer-letter", "answer-mean"]), default="answer-letter",
-              show_default=True, help="Where to read: the answer letter (the paper) or the mean over '(A'.")
+@click.option("read", "--read", type=click.Choice(["answer-letter", "answer-mean", "answer-text"]), default="answer-letter",
+              show_default=True, help="Where to read: the answer letter (the paper), the mean over '(A', or the mean over the whole answer text (strong on small models).")
 @click.option("device", "--device", default="cpu", show_default=True,
               help="cpu, cuda, cuda:N, mps, or auto (accelerate device_map for big models).")
 @click.option("dtype", "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",

@@ -330,6 +330,7 @@ def open_ended(
     seed: int = 0,
     progress: Progress | None = None,
     force: bool = False,
+    repeat_penalty: float = 1.1,
 ) -> list[dict[str, Any]]:
     """Greedy answers to every prompt at every multiplier (one row each)."""
     engine.check_vector(vector, "vector", force)
@@ -338,7 +339,8 @@ def open_ended(
     if not prompts:
         raise CaaError("no prompts to answer")
     saved = engine.steering.terms
-    sampling = Sampling(temperature=0.0, seed=seed, max_tokens=max_tokens)
+    # Greedy as in the paper, with a mild repetition penalty: small models loop otherwise.
+    sampling = Sampling(temperature=0.0, seed=seed, max_tokens=max_tokens, repeat_penalty=repeat_penalty)
     rows: list[dict[str, Any]] = []
     try:
         for mult in multipliers:

@@ -1,0 +1,220 @@
+"""Make the shipped vectors for the default model: `make vectors` runs this.
+
+1. extract (torch, train split) every behavior's CAA vector at every steerable layer;
+2. normalize per layer across behaviors (the paper's normalization): the seven paper
+   behaviors together, the three demo behaviors together;
+3. choose a layer per behavior on the held-out validation split with the native engine:
+   A/B p(match) at multipliers -1 / +1 at every layer, keeping the layer with the largest
+   p(+1) - p(-1);
+4. demo behaviors only: judge-free metric curves of open-ended answers to held-out prompts
+   over multipliers at the best A/B layers, with a fluency guard; the recommended layer and
+   multiplier are where the metric rises monotonically while the answers stay fluent;
+5. write vectors/*.gguf (recommended layer and multiplier in their metadata) and the
+   measured tables for vectors/README.md (vectors/results.json + vectors/RESULTS.md).
+
+Intermediate results live in build/vectors-work/, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from caa_local.atomic import write_json, write_text
+from caa_local.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, load_open_ended, split
+from caa_local.vector import ControlVector
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "vectors-work"
+OUT = ROOT / "vectors"
+DEMO_METRIC = {"sentiment": "sentiment", "formality": "formality", "enthusiasm": "enthusiasm"}
+DEMO_MULTIPLIERS = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+# The paper's read position (the answer letter) carries almost nothing on a 135M model; the
+# demo vectors average over the whole answer text instead (measured: see vectors/README.md).
+DEMO_READ = "answer-text"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def extract_all(behaviors: list[str], train_limit: int, batch_size: int) -> None:
+
+    from caa_local.extract import extract
+    from caa_local.hf import chat_template_of, load_hf
+
+    todo = [b for b in behaviors if not (WORK / "raw" / f"{b}.gguf").exists()]
+    if not todo:
+        return
+    model, tokenizer, info = load_hf(None)
+    template = chat_template_of(tokenizer)
+    for behavior in todo:
+        data = load_ab(behavior)
+        items = split(data.items, "train")[:train_limit]
+        log(f"extract {behavior}: {len(items)} train pairs")
+        read = DEMO_READ if behavior in DEMO_BEHAVIORS else "answer-letter"
+        vector = extract(model, tokenizer, template, items, batch_size, None, read,
+                         progress=False, behavior=behavior, dataset_sha256=data.sha256, info=info)
+        vector.with_metadata(split="train").save(WORK / "raw" / f"{behavior}.gguf", force=True)
+
+
+def normalize_group(behaviors: list[str]) -> dict[str, ControlVector]:
+    from caa_local.normalize import normalize
+
+    return normalize({b: ControlVector.load(WORK / "raw" / f"{b}.gguf") for b in behaviors})
+
+
+def layer_sweep(engine: Any, behavior: str, vector: ControlVector, val_limit: int) -> dict[str, Any]:
+    from caa_local.evaluate import ab_sweep
+
+    cache = WORK / "sweeps" / f"{behavior}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    items = split(load_ab(behavior).items, "val")[:val_limit]
+    log(f"A/B layer sweep {behavior}: {len(items)} validation questions x {len(vector.layers)} layers")
+    result = ab_sweep(engine, vector, items, vector.layers, [-1.0, 0.0, 1.0])
+    rows = result.rows()
+    write_json(cache, {"rows": rows, "n": len(items)}, force=True)
+    return {"rows": rows, "n": len(items)}
+
+
+def best_layers(sweep: dict[str, Any], k: int) -> list[int]:
+    p = {(r["layer"], r["multiplier"]): r["p_match"] for r in sweep["rows"]}
+    layers = sorted({r["layer"] for r in sweep["rows"]})
+    return sorted(layers, key=lambda layer: p[(layer, 1.0)] - p[(layer, -1.0)], reverse=True)[:k]
+
+
+def metric_curve(engine: Any, behavior: str, vector: ControlVector, layer: int,
+                 n_prompts: int, max_tokens: int) -> list[dict[str, Any]]:
+    from caa_local.evaluate import open_ended
+    from caa_local.metrics import perplexity, summarize
+    from caa_local.templates import user_turn
+
+    cache = WORK / "curves" / f"{behavior}-L{layer}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    prompts = load_open_ended(behavior)[:n_prompts]
+    log(f"open-ended {behavior} @ layer {layer}: {len(prompts)} prompts x {len(DEMO_MULTIPLIERS)} multipliers")
+    rows = open_ended(engine, vector, layer, DEMO_MULTIPLIERS, prompts, max_tokens=max_tokens)
+    ppl = perplexity(engine, [user_turn(r["prompt"]) for r in rows], [r["answer"] for r in rows])
+    for row, value in zip(rows, ppl):
+        row["perplexity"] = value
+    summary = summarize(rows, [DEMO_METRIC[behavior]])
+    write_json(cache, {"summary": summary, "rows": rows}, force=True)
+    return {"summary": summary, "rows": rows}
+
+
+def monotone_range(summary: list[dict[str, Any]], metric: str) -> tuple[list[float], float]:
+    """The widest run of multipliers around 0 where the metric strictly rises and fluency holds.
+
+    Fluent: no more than 20% degenerate answers and median perplexity (of the steered text
+    under the unsteered model) at most 3x the unsteered answers'.
+    """
+    by_mult = {s["multiplier"]: s for s in summary}
+    base_ppl = by_mult[0.0].get("perplexity", math.inf)
+
+    def fluent(m: float) -> bool:
+        s = by_mult[m]
+        return s["degenerate"] <= 0.2 and s.get("perplexity", math.inf) <= 3 * base_ppl
+
+    mults = sorted(by_mult)
+    zero = mults.index(0.0)
+    lo = hi = zero
+    while lo > 0 and fluent(mults[lo - 1]) and by_mult[mults[lo - 1]][metric] < by_mult[mults[lo]][metric]:
+        lo -= 1
+    while hi < len(mults) - 1 and fluent(mults[hi + 1]) and by_mult[mults[hi + 1]][metric] > by_mult[mults[hi]][metric]:
+        hi += 1
+    span = mults[lo : hi + 1]
+    return span, by_mult[mults[hi]][metric] - by_mult[mults[lo]][metric]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-limit", type=int, default=100)
+    parser.add_argument("--val-limit", type=int, default=24)
+    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--candidates", type=int, default=2, help="best A/B layers tried per demo behavior")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--only", nargs="*", default=None, help="restrict to these behaviors")
+    parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
+    args = parser.parse_args()
+
+    groups = [list(PAPER_BEHAVIORS), list(DEMO_BEHAVIORS)]
+    wanted = set(args.only) if args.only else None
+    extract_all([b for g in groups for b in g if not wanted or b in wanted], args.train_limit, args.batch_size)
+
+    from caa_local.engine import Engine
+
+    engine = Engine(n_ctx=2048, n_threads=args.threads)
+    results_path = OUT / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for group in groups:
+        if wanted and not wanted & set(group):
+            continue
+        normalized = normalize_group(group)
+        for behavior in group:
+            if wanted and behavior not in wanted:
+                continue
+            vector = normalized[behavior]
+            sweep = layer_sweep(engine, behavior, vector, args.val_limit)
+            layer = best_layers(sweep, 1)[0]
+            entry: dict[str, Any] = {"sweep": sweep, "layer": layer, "multiplier": 1.0}
+            if behavior in DEMO_METRIC:
+                metric = DEMO_METRIC[behavior]
+                curves = {L: metric_curve(engine, behavior, vector, L, args.prompts, args.max_tokens)
+                          for L in best_layers(sweep, args.candidates)}
+                ranked = sorted(curves, key=lambda L: (len(monotone_range(curves[L]["summary"], metric)[0]),
+                                                       monotone_range(curves[L]["summary"], metric)[1]),
+                                reverse=True)
+                layer = ranked[0]
+                span, gain = monotone_range(curves[layer]["summary"], metric)
+                entry.update(layer=layer, multiplier=max(span), metric=metric, span=span, gain=gain,
+                             curves={str(L): c["summary"] for L, c in curves.items()},
+                             examples=example_pair(curves[layer]["rows"], max(span)))
+            results[behavior] = entry
+            vector.with_metadata(
+                recommended_layer=entry["layer"], recommended_multiplier=entry["multiplier"],
+                validation="split val, seed 0, fraction 0.2",
+            ).save(OUT / f"{behavior}.gguf", force=True)
+            write_json(results_path, results, force=True)
+            log(f"{behavior}: layer {entry['layer']}, multiplier {entry['multiplier']}")
+    write_text(OUT / "RESULTS.md", render_tables(results), force=True)
+
+
+def example_pair(rows: list[dict[str, Any]], multiplier: float) -> dict[str, str]:
+    prompt = rows[0]["prompt"]
+    answer = {r["multiplier"]: r["answer"] for r in rows if r["prompt"] == prompt}
+    return {"prompt": prompt, "unsteered": answer[0.0], "steered": answer[multiplier],
+            "multiplier": str(multiplier)}
+
+
+def render_tables(results: dict[str, Any]) -> str:
+    lines = ["| behavior | layer | p(match) at -1 | at 0 | at +1 | n |", "|---|---|---|---|---|---|"]
+    for behavior, entry in results.items():
+        p = {(r["layer"], r["multiplier"]): r["p_match"] for r in entry["sweep"]["rows"]}
+        L = entry["layer"]
+        lines.append(f"| {behavior} | {L} | {p[(L, -1.0)]:.3f} | {p[(L, 0.0)]:.3f} | "
+                     f"{p[(L, 1.0)]:.3f} | {entry['sweep']['n']} |")
+    for behavior, entry in results.items():
+        if "curves" not in entry:
+            continue
+        metric = entry["metric"]
+        lines += ["", f"**{behavior}** ({metric}, layer {entry['layer']}; monotone and fluent over "
+                  f"{entry['span'][0]:+g}..{entry['span'][-1]:+g})", "",
+                  "| multiplier | " + metric + " | degenerate | perplexity |", "|---|---|---|---|"]
+        for s in entry["curves"][str(entry["layer"])]:
+            lines.append(f"| {s['multiplier']:+g} | {s[metric]:.3f} | {s['degenerate']:.2f} | "
+                         f"{s.get('perplexity', float('nan')):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
