@@ -7,11 +7,20 @@ last token of that text; ``read="answer-mean"`` averages over the answer's token
 ``A`` where they are separate tokens). Measured: the ``(`` token is identical in both prompts
 of a pair (causal attention, same prefix), so its difference is 0 and answer-mean is exactly
 answer-letter / n_answer_tokens (1/2 on SmolLM2): same direction, smaller norm.
+``read="answer-text"`` continues with the chosen answer's whole text (``(A) It was lovely``)
+and averages over those tokens: not the paper's method, but the one that carries a behavior
+on the 135M default model, where the answer letter alone barely does (vectors/README.md).
 Block outputs come from forward hooks, never from ``hidden_states[-1]`` (that one is after
 the final norm). Nothing is written to disk here, so Ctrl-C simply leaves nothing behind.
+
+Speed: :func:`extract` decodes the prefix shared by all prompts once, each pair's shared
+part once, and packs pairs into batches with no padding to speak of (packed_reads.py);
+:func:`extract_loop` is the straightforward reference, one full forward pass per prompt.
 """
 
 from __future__ import annotations
+
+import re
 
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,13 +32,15 @@ import torch
 from .errors import CaaError
 from .hf import ModelInfo, decoder_layers, input_device
 from .layers import check_steerable, format_layers, steerable_range
+from .packed_reads import PackedReader, Pair, _Stop, common_length, packable
 from .templates import ChatTemplate, instruction_end, user_turn
 from .vector import ControlVector
 
 if TYPE_CHECKING:
     from .datasets import ABItem
 
-READS = ("answer-letter", "answer-mean")
+READS = ("answer-letter", "answer-mean", "answer-text")
+Reads = tuple[list[int], npt.NDArray[np.float32], npt.NDArray[np.float32]]  # items, matching, not
 
 
 class MeanDifference:
@@ -61,15 +72,26 @@ def answer_prefix(answer: str) -> str:
     return text[:-1] if text.endswith(")") else text
 
 
-class _Stop(Exception):
-    """Raised by the deepest needed hook: later blocks and the LM head are skipped."""
+def choice_text(question: str, answer: str) -> str:
+    """'(A)' -> '(A) <the text of choice A in the question>'."""
+    letter = answer.strip()[1:-1]
+    match = re.search(r"\(" + re.escape(letter) + r"\)[ \t]*(.*?)(?=\n\s*\([A-H]\)|\Z)", question, re.S)
+    if not match or not match.group(1).strip():
+        raise CaaError(f"answer-text reads need the text of choice {answer} in the question")
+    return f"({letter}) {match.group(1).strip()}"
 
 
-def _encode(tokenizer: Any, template: ChatTemplate, question: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of prompt + answer prefix, and how many trailing tokens are the answer."""
+def _encode(
+    tokenizer: Any, template: ChatTemplate, question: str, answer: str, read: str = "answer-letter"
+) -> tuple[list[int], int]:
+    """Token ids of prompt + answer prefix, and how many trailing tokens are the answer.
+
+    ``read="answer-text"`` continues with the whole text of the chosen answer.
+    """
     prompt = template.render(user_turn(question), add_generation_prompt=True)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt + answer_prefix(answer), add_special_tokens=False)["input_ids"]
+    tail = choice_text(question, answer) if read == "answer-text" else answer_prefix(answer)
+    ids = tokenizer(prompt + tail, add_special_tokens=False)["input_ids"]
     n_answer = len(ids) - 1 - instruction_end(prompt_ids, ids)
     return ids, max(n_answer, 1)
 
@@ -79,7 +101,7 @@ def _read_weights(mask: torch.Tensor, n_answer: Sequence[int], read: str) -> tor
     batch, seq = mask.shape
     cols = torch.arange(seq).expand(batch, seq)
     last = torch.where(mask.bool(), cols, -1).max(dim=1).values  # last real token, any padding side
-    span = torch.tensor(n_answer) if read == "answer-mean" else torch.ones(batch, dtype=torch.long)
+    span = torch.ones(batch, dtype=torch.long) if read == "answer-letter" else torch.tensor(n_answer)
     chosen = (cols <= last[:, None]) & (cols > (last - span)[:, None]) & mask.bool()
     return chosen.float() / chosen.sum(dim=1, keepdim=True).float()
 
@@ -148,7 +170,18 @@ def _check(model: Any, items: Sequence[ABItem], layers: Sequence[int] | None, re
     return chosen
 
 
-def _pair_batches(
+def _encode_pairs(tokenizer: Any, template: ChatTemplate, items: Sequence[ABItem], read: str) -> list[Pair]:
+    pairs = []
+    for index, item in enumerate(items):
+        (pos, n_pos), (neg, n_neg) = (_encode(tokenizer, template, item.question, answer, read)
+                                      for answer in (item.matching, item.not_matching))
+        shared = common_length([pos, neg], min(len(pos), len(neg)) - 1)
+        spans = (1, 1) if read == "answer-letter" else (n_pos, n_neg)
+        pairs.append(Pair(index, (pos, neg), spans, shared))
+    return pairs
+
+
+def _pair_reads(
     model: Any,
     tokenizer: Any,
     template: ChatTemplate,
@@ -158,27 +191,52 @@ def _pair_batches(
     read: str,
     padding_side: str,
     progress: bool,
-) -> Iterator[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
-    """(matching, not matching) reads per batch of ``batch_size`` pairs (2x sequences)."""
+    loop: bool = False,
+) -> Iterator[Reads]:
+    """(item indices, matching reads, not-matching reads) per batch, in no particular order.
+
+    ``loop``: the per-example reference, one unpadded forward pass per prompt.
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise CaaError(f"batch size {batch_size}: expected 1 or more")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pairs = _encode_pairs(tokenizer, template, items, read)
     with tqdm(total=len(items), unit="pair", desc="extract", disable=not progress) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            encoded = [_encode(tokenizer, template, it.question, it.matching) for it in chunk]
-            encoded += [_encode(tokenizer, template, it.question, it.not_matching) for it in chunk]
-            if batch_size == 1:  # the one-example-at-a-time path: no padding at all
-                reads = np.concatenate(
-                    [block_reads(model, [s], [n], layers, read) for s, n in encoded]
-                )
-            else:
-                seqs, spans = zip(*encoded)
-                reads = block_reads(model, seqs, spans, layers, read, padding_side, pad_id)
-            yield reads[: len(chunk)], reads[len(chunk) :]
+        if loop or not packable(model):  # flash attention etc. cannot take the block mask
+            for p in pairs:
+                reads = [block_reads(model, [s], [n], layers, read) for s, n in zip(p.seqs, p.n_read)]
+                yield [p.index], reads[0], reads[1]
+                bar.update(1)
+            return
+        pairs.sort(key=lambda p: len(p.seqs[0]), reverse=True)  # similar lengths pack better
+        reader = PackedReader(model, pairs, layers, pad_id, padding_side == "left")
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            reads = reader.reads(chunk).numpy()
+            yield [p.index for p in chunk], reads[: len(chunk)], reads[len(chunk) :]
             bar.update(len(chunk))
+
+
+def _ordered_reads(model: Any, tokenizer: Any, template: ChatTemplate, items: Sequence[ABItem],
+                   layers: Sequence[int], batch_size: int, read: str, padding_side: str,
+                   progress: bool) -> dict[str, npt.NDArray[np.float32]]:
+    shape = (len(items), len(layers), int(model.config.hidden_size))
+    pos, neg = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
+    for index, p, n in _pair_reads(model, tokenizer, template, items, layers, batch_size, read,
+                                   padding_side, progress):
+        pos[index], neg[index] = p, n
+    return {"matching": pos, "not_matching": neg}
+
+
+def example_activations(model: Any, tokenizer: Any, template: ChatTemplate, items: Sequence[ABItem],
+                        layers: Sequence[int], batch_size: int = 8,
+                        read: str = "answer-letter") -> dict[str, npt.NDArray[np.float32]]:
+    """Per-example block outputs at the read position, in the items' order: "matching" and
+    "not_matching", each (n_items, len(layers), n_embd)."""
+    chosen = _check(model, items, layers, read)
+    return _ordered_reads(model, tokenizer, template, items, chosen, batch_size, read, "right", False)
 
 
 def extract(
@@ -199,13 +257,17 @@ def extract(
     """A CAA vector: per layer, the mean over pairs of act(matching) - act(not matching).
 
     ``layers`` defaults to every steerable layer (1 .. n_layer - 1); ``batch_size`` counts
-    pairs per forward pass.
+    pairs per forward pass (see the module docstring for how a batch is decoded).
     """
     chosen = _check(model, items, layers, read)
+    reads = _pair_reads(model, tokenizer, template, items, chosen, batch_size, read, padding_side, progress)
+    return _vector(model, reads, chosen, read, behavior, dataset_sha256, info)
+
+
+def _vector(model: Any, reads: Iterator[Reads], chosen: list[int], read: str, behavior: str,
+            dataset_sha256: str, info: ModelInfo | None) -> ControlVector:
     acc = MeanDifference()
-    for pos, neg in _pair_batches(
-        model, tokenizer, template, items, chosen, batch_size, read, padding_side, progress
-    ):
+    for _index, pos, neg in reads:
         acc.add(pos, neg)
     mean = acc.result()
     metadata = {
@@ -230,10 +292,16 @@ def extract_loop(
     layers: Sequence[int] | None = None,
     read: str = "answer-letter",
     progress: bool = True,
-    **kwargs: Any,
+    *,
+    behavior: str = "",
+    dataset_sha256: str = "",
+    info: ModelInfo | None = None,
 ) -> ControlVector:
-    """:func:`extract` one sequence per forward pass, unpadded (reference and benchmark)."""
-    return extract(model, tokenizer, template, items, 1, layers, read, progress, **kwargs)
+    """The straightforward reference for :func:`extract` (and its benchmark baseline): one full,
+    unpadded forward pass per prompt, the matching and the not-matching prompt separately."""
+    chosen = _check(model, items, layers, read)
+    reads = _pair_reads(model, tokenizer, template, items, chosen, 1, read, "right", progress, loop=True)
+    return _vector(model, reads, chosen, read, behavior, dataset_sha256, info)
 
 
 def differences(
@@ -248,11 +316,5 @@ def differences(
 ) -> npt.NDArray[np.float32]:
     """Per-pair differences act(matching) - act(not matching): (n_pairs, len(layers), n_embd)."""
     chosen = _check(model, items, layers, read)
-    out = np.empty((len(items), len(chosen), model.config.hidden_size), dtype=np.float32)
-    row = 0
-    for pos, neg in _pair_batches(
-        model, tokenizer, template, items, chosen, batch_size, read, "right", progress
-    ):
-        out[row : row + len(pos)] = pos - neg
-        row += len(pos)
-    return out
+    acts = _ordered_reads(model, tokenizer, template, items, chosen, batch_size, read, "right", progress)
+    return acts["matching"] - acts["not_matching"]
