@@ -10,7 +10,6 @@ it applies from the next generated token, with nothing reloaded.
 from __future__ import annotations
 
 import dataclasses
-import math
 import shlex
 import time
 from collections.abc import Callable
@@ -22,10 +21,10 @@ from .atomic import write_json
 from .engine import ContextFullError, Engine, GenerationResult, Sampling
 from .errors import CaaError
 from .layers import parse_layer_spec
-from .models import resolve_vector, shipped_vector_names
-from .steering import ABSURD_MULTIPLIER, SteeringTerm
-from .templates import Message
-from .vector import ControlVector
+from .models import shipped_vector_names
+from .specs import PARAMS, load_vector, parse_param, parse_scale, split_vector_spec
+from .steering import SteeringTerm, multiplier_warning
+from .templates import Message, drop_oldest_exchange
 
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
 PROMPT = "> "
@@ -43,48 +42,6 @@ Commands:
   /params [key=value ...]            show or set temperature, top_p, max_tokens, seed, ...
   /save FILE [--force]               write the transcript as JSON
   /quit                              exit (or Ctrl-D)"""
-# name -> (type, lowest allowed, whether the lowest is allowed, highest)
-PARAMS: dict[str, tuple[type, float, bool, float]] = {
-    "temperature": (float, 0.0, True, math.inf), "top_p": (float, 0.0, False, 1.0),
-    "top_k": (int, 0, True, math.inf), "min_p": (float, 0.0, True, 1.0),
-    "repeat_penalty": (float, 0.0, False, math.inf), "max_tokens": (int, 1, True, math.inf),
-    "seed": (int, 0, True, 2**32 - 1),
-}
-
-
-def parse_scale(text: str, where: str = "scale") -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CaaError(f"{where}: expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise CaaError(f"{where}: expected a finite number, got {text!r}")
-    return value
-
-
-def scale_warning(scale: float) -> str:
-    if abs(scale) <= ABSURD_MULTIPLIER:
-        return ""
-    return (f"Warning: multiplier {scale:+g} is far outside the usual range "
-            f"(|x| > {ABSURD_MULTIPLIER:g}); expect gibberish")
-
-
-def split_vector_spec(spec: str) -> tuple[str, float | None]:
-    """'NAME|FILE[:SCALE]' -> (NAME|FILE, SCALE or None)."""
-    head, sep, tail = spec.rpartition(":")
-    if not sep or not head:
-        return spec, None
-    try:
-        float(tail)
-    except ValueError:
-        return spec, None  # a colon inside a path
-    return head, parse_scale(tail, f"vector {spec!r}")
-
-
-def load_vector(name_or_path: str) -> tuple[str, ControlVector]:
-    """A shipped vector by name, or a vector file; named after the file's stem."""
-    path = resolve_vector(name_or_path)
-    return path.stem, ControlVector.load(path)
 
 
 def _echo(text: str) -> None:
@@ -189,7 +146,7 @@ class ChatSession:
             try:
                 return self._stream(messages)
             except ContextFullError as err:
-                if not _drop_oldest_exchange(messages):
+                if not drop_oldest_exchange(messages):
                     raise CaaError(f"this message does not fit the context: {err}") from None
                 self.say(f"[context full: dropped the oldest exchange; {len(messages)} messages left]")
 
@@ -231,7 +188,7 @@ class ChatSession:
             scale = vector.recommended_multiplier() or 1.0
         term = self.engine.steer(name, vector, scale, layers, self.force)
         self.say(f"steering: {term.describe()}")
-        if warning := scale_warning(scale):
+        if warning := multiplier_warning(scale):
             self.say(warning)
 
     def cmd_unsteer(self, rest: str) -> None:
@@ -253,7 +210,7 @@ class ChatSession:
         start = time.perf_counter()
         term = self.engine.steer(name, term.vector, scale, term.layers, self.force)
         self.say(f"steering: {term.describe()} (applied in {(time.perf_counter() - start) * 1e3:.2f} ms)")
-        if warning := scale_warning(scale):
+        if warning := multiplier_warning(scale):
             self.say(warning)
 
     def cmd_layers(self, rest: str) -> None:
@@ -321,7 +278,7 @@ class ChatSession:
             key, sep, value = item.partition("=")
             if not sep or key not in PARAMS:
                 raise CaaError(f"/params: expected key=value with key in {', '.join(PARAMS)}, got {item!r}")
-            updates[key] = _parse_param(key, value)
+            updates[key] = parse_param(key, value)
         self.sampling = dataclasses.replace(self.sampling, **updates)
         self.say(" ".join(f"{k}={getattr(self.sampling, k):g}" for k in PARAMS))
 
@@ -339,28 +296,3 @@ class ChatSession:
         return {"model": self.engine.model_name, "model_path": str(self.engine.model_path),
                 "positions": self.engine.positions, "turns": self.transcript,
                 "comparisons": self.comparisons}
-
-
-def _parse_param(key: str, value: str) -> float | int:
-    kind, lo, lo_ok, hi = PARAMS[key]
-    try:
-        number = kind(value)
-    except ValueError:
-        expected = "an integer" if kind is int else "a number"
-        raise CaaError(f"/params {key}: expected {expected}, got {value!r}") from None
-    if not math.isfinite(number) or not (lo <= number if lo_ok else lo < number) or number > hi:
-        low = f"{'>=' if lo_ok else '>'} {lo:g}"
-        raise CaaError(f"/params {key}: expected a value {low}" + (f" and <= {hi:g}" if hi < math.inf else "")
-                       + f", got {value!r}")
-    return number
-
-
-def _drop_oldest_exchange(messages: list[Message]) -> bool:
-    """Remove the oldest user message and its answer (never the system or the last message)."""
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    if not users or users[0] == len(messages) - 1:
-        return False
-    first = users[0]
-    end = first + 2 if first + 1 < len(messages) - 1 and messages[first + 1]["role"] == "assistant" else first + 1
-    del messages[first:end]
-    return True

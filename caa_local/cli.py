@@ -31,8 +31,16 @@ COMMANDS = {
 }
 
 
+class CaaClickError(click.ClickException):
+    """A CaaError on its way to the user: one ``Error: ...`` line, exit code 1."""
+
+
 class LazyGroup(click.Group):
-    """A group whose subcommands are imported on first use."""
+    """A group whose subcommands are imported on first use; CaaError becomes one Error line.
+
+    The conversion happens here rather than only in :func:`main`, so ``CliRunner().invoke(cli, ...)``
+    behaves like the console script. With ``--debug`` the CaaError propagates (a traceback).
+    """
 
     def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,6 +54,14 @@ class LazyGroup(click.Group):
             module_name, attr = self.lazy[name][0].split(":")
             return getattr(importlib.import_module(module_name), attr)
         return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CaaError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise CaaClickError(str(exc)) from exc
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # From the table, so --help imports no command module.
@@ -72,7 +88,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
                      help="Context size in tokens."),
         click.option("n_threads", "--threads", "-t", type=int, default=0,
-                     help="CPU threads (default: all cores)."),
+                     help="CPU threads (0, the default: all cores)."),
         click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
                      help="Layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
     ]
@@ -81,22 +97,53 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def warn(message: str) -> None:
+    """A warning or note for the user: stderr, so piped answers stay clean."""
+    click.echo(message, err=True)
+
+
 def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
                 positions: str = "response"):  # noqa: ANN201 - Engine, imported lazily
+    """The engine for --model/--ctx/--threads/--gpu-layers; warns when --ctx passes the training context."""
     if n_threads < 0:
         raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
     from .engine import Engine
 
-    return Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                  positions=positions)
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                    positions=positions)
+    trained = engine.session.meta(f"{engine.architecture}.context_length")
+    if trained.isdigit() and n_ctx > int(trained):
+        warn(f"Warning: --ctx {n_ctx} is beyond the {int(trained)} tokens {engine.model_path.name} "
+             "was trained on; expect worse answers past that point")
+    return engine
+
+
+def clamp_max_tokens(max_tokens: int, engine: Any) -> int:
+    """--max-tokens, at most the context size (with a warning): an answer cannot outgrow it."""
+    n_ctx = int(engine.session.n_ctx)
+    if max_tokens <= n_ctx:
+        return max_tokens
+    warn(f"Warning: --max-tokens {max_tokens} is larger than the context of {n_ctx} tokens; "
+         f"using {n_ctx} (answers stop when the context fills; --ctx enlarges it)")
+    return n_ctx
+
+
+def warn_multipliers(multipliers: Any) -> None:
+    """The absurd-multiplier warning (steering.multiplier_warning) for each value that earns it."""
+    from .steering import multiplier_warning
+
+    for scale in dict.fromkeys(multipliers):
+        if warning := multiplier_warning(scale):
+            warn(warning)
 
 
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="caa-local", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except click.exceptions.Abort as exc:
+        # Click turns Ctrl-C into Abort; say so as the KeyboardInterrupt branch below does.
+        click.echo("Interrupted." if isinstance(exc.__cause__, KeyboardInterrupt) else "Aborted.", err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .cli import model_options, open_engine
+from .cli import clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
 
 POSITIONS = ("response", "all")  # engine.POSITIONS, repeated to keep --help fast
 
@@ -60,7 +60,7 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> list[tuple[str, Any, float]]:
     """Read --vector NAME|FILE[:SCALE] options into (name, vector, scale), before any model loads."""
-    from .chat import load_vector, split_vector_spec
+    from .specs import load_vector, split_vector_spec
     from .steering import check_multiplier
 
     if multiplier is not None:
@@ -78,15 +78,13 @@ def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> 
 
 
 def steer_all(engine: Any, loaded: Sequence[tuple[str, Any, float]], layers: str | None = None,
-              force: bool = False) -> list[str]:
-    """Steer with every loaded vector (on ``layers`` if given); returns warnings to show."""
-    from .chat import scale_warning
+              force: bool = False) -> None:
+    """Steer with every loaded vector (on ``layers`` if given)."""
     from .layers import parse_layer_spec
 
     layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
     for name, vector, scale in loaded:
         engine.steer(name, vector, scale, layer_list, force)
-    return [w for _, _, scale in loaded if (w := scale_warning(scale))]
 
 
 def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
@@ -96,17 +94,16 @@ def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: in
     import dataclasses
 
     from .chat import CHAT_SAMPLING
-
     from .layers import parse_layer_spec
 
     loaded = load_vector_specs(vectors, multiplier)
     if layers:
         parse_layer_spec(layers)  # syntax errors before the model loads
+    warn_multipliers(scale for _, _, scale in loaded)
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
-    for warning in steer_all(engine, loaded, layers, force):
-        click.echo(warning, err=True)
+    steer_all(engine, loaded, layers, force)
     sampling = dataclasses.replace(CHAT_SAMPLING, temperature=temperature, top_p=top_p,
-                                   max_tokens=max_tokens, seed=seed)
+                                   max_tokens=clamp_max_tokens(max_tokens, engine), seed=seed)
     return engine, sampling
 
 
@@ -227,5 +224,9 @@ def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n
                                "stop_reason": result.stop_reason, "n_prompt_tokens": result.n_prompt_tokens,
                                "prompt_seconds": result.prompt_seconds, "decode_seconds": result.decode_seconds,
                                "tokens_per_second": result.decode_tokens_per_second}, force=force)
+    if result.stop_reason == "context":
+        warn(f"Note: the answer stopped when the context of {engine.session.n_ctx} tokens filled "
+             "(--ctx enlarges it)")
     if result.stop_reason == "interrupted":
+        warn("Interrupted.")
         raise SystemExit(130)

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from .cli import model_options, open_engine
+from .cli import clamp_max_tokens, model_options, open_engine, warn_multipliers
 from .errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
@@ -121,9 +121,11 @@ def eval_ab(vector_name: str, dataset: str, layer_spec: str | None, multipliers:
         caa-local eval ab --vector sycophancy --dataset sycophancy --layers all --multipliers -1,0,1
     """
     from .datasets import load_ab, split
-    from .evaluate import ab_sweep, ab_sweep_torch, parse_multipliers
+    from .evaluate import ab_sweep, ab_sweep_torch
+    from .specs import parse_multipliers
 
     mults = parse_multipliers(multipliers)
+    warn_multipliers(mults)
     _outputs(force, json_path, plot_path)
     vector_path, vector = _vector(vector_name)
     _layers(layer_spec, vector, vector_path, None)
@@ -217,12 +219,14 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     Example:
         caa-local eval open-ended --vector sentiment --dataset sentiment --multipliers -4,0,4 --limit 10
     """
-    from .evaluate import open_ended, parse_multipliers
     from .metrics import METRICS, perplexity as ppl, summarize
+    from .open_ended import open_ended
     from .rubrics import RUBRICS, export_rows, judge, judge_summary
+    from .specs import parse_multipliers
     from .templates import user_turn
 
     mults = parse_multipliers(multipliers)
+    warn_multipliers(mults)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise CaaError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
@@ -236,6 +240,7 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
         raise CaaError(f"no judge rubric for {behavior!r}: pass --behavior (one of {', '.join(RUBRICS)})")
     names = list(metrics) or [DEMO_METRIC.get(str(behavior), "length")]
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
+    max_tokens = clamp_max_tokens(max_tokens, engine)
     layers = _layers(layer_spec, vector, vector_path, engine.n_layer)
     rows: list[dict[str, Any]] = []
     with progress_bar(len(prompts) * len(mults) * len(layers), "generate", "answer") as update:
@@ -292,9 +297,11 @@ def _capability(name: str) -> click.Command:
                 model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
                 json_path: Path | None, force: bool) -> None:
         from .datasets import load_capability
-        from .evaluate import capability_eval, parse_multipliers
+        from .evaluate import capability_eval
+        from .specs import parse_multipliers
 
         mults = parse_multipliers(multipliers)
+        warn_multipliers(mults)
         _outputs(force, json_path)
         vector_path, vector = _vector(vector_name)
         spec = None if layer is None else str(layer)

@@ -71,32 +71,16 @@ def vector_combine(terms: tuple[str, ...], out: Path, layers_spec: str | None, f
       caa-local vector combine sentiment:1 enthusiasm:-0.5 --out mix.gguf
     """
     from .atomic import check_writable
-    from .models import resolve_vector
-    from .vector import ControlVector
+    from .specs import load_vector, split_vector_spec
 
     check_writable(out, force)
+    parsed = [split_vector_spec(term) for term in terms]  # every scale checked before any file is read
     total = None
-    for term in terms:
-        name, scale = split_scale(term)
-        vec = ControlVector.load(resolve_vector(name)) * scale
+    for name, scale in parsed:
+        vec = load_vector(name)[1] * (1.0 if scale is None else scale)
         total = vec if total is None else total + vec
     assert total is not None
     if layers_spec:
         total = total.only(parse_layer_spec(layers_spec))
     total.with_metadata(combined_from=" + ".join(terms)).save(out, force=force)
     click.echo(f"wrote {out} ({format_layers(total.layers)})")
-
-
-def split_scale(term: str) -> tuple[str, float]:
-    """'name:2.5' -> ('name', 2.5); 'name' -> ('name', 1.0). Paths may contain ':' only before it."""
-    from .errors import CaaError
-    from .steering import check_multiplier
-
-    name, sep, scale_text = term.rpartition(":")
-    if not sep or not name:
-        return term, 1.0
-    try:
-        scale = float(scale_text)
-    except ValueError:
-        raise CaaError(f"{term!r}: scale {scale_text!r} is not a number (use NAME:SCALE)") from None
-    return name, check_multiplier(scale)

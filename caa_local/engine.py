@@ -226,9 +226,10 @@ class Engine:
         """
         if sampling.max_tokens < 1:
             raise CaaError(f"max tokens must be at least 1, got {sampling.max_tokens}")
+        max_tokens = min(sampling.max_tokens, self.session.n_ctx)  # the context bounds any answer
         tokens, steer_from = self.prompt(messages, suffix)
         start = time.perf_counter()
-        reused = self._feed(tokens, steer_from, min(sampling.max_tokens, 16))
+        reused = self._feed(tokens, steer_from, min(max_tokens, 16))
         prompt_seconds = time.perf_counter() - start
         pieces: list[str] = []
 
@@ -240,7 +241,7 @@ class Engine:
         n_before = len(self.session.tokens)
         try:
             out, reason = self.session.generate(
-                sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
                 sampling.min_p, sampling.repeat_penalty, 64, sampling.seed & 0xFFFFFFFF, collect,
             )
         except KeyboardInterrupt:

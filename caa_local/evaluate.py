@@ -1,4 +1,4 @@
-"""The paper's evaluations on the native engine: A/B sweeps, capability sets, open-ended answers.
+"""The paper's A/B evaluations on the native engine: behavior sweeps and capability sets.
 
 An A/B sweep scores every question under one setting per (layer, multiplier) with the
 batched scorer (each question's unsteered prefix is decoded once for all settings);
@@ -6,7 +6,8 @@ multiplier 0 is one shared baseline, identical for every layer. Rows hold means 
 questions; the per-question arrays stay in the result for the analyses of Tan et al. (2024):
 steerability (least-squares slope of the mean logit difference against the multiplier) and
 the fraction of anti-steerable questions (whose own slope has the opposite sign).
-``ab_sweep_torch`` is the transformers reference (small sets only).
+``ab_sweep_torch`` is the transformers reference (small sets only); open-ended answers
+live in ``caa_local.open_ended``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .engine import Engine, Sampling
+from .engine import Engine
 from .errors import CaaError
-from .layers import check_steerable, format_layers
+from .layers import check_vector_layers
 from .scoring import Choice, Setting, choices_from_items, score_ab
-from .steering import check_multiplier
+from .steering import check_multipliers
 from .templates import ChatTemplate, instruction_end, user_turn
 from .vector import ControlVector
 
@@ -134,42 +135,6 @@ class SweepResult:
         return cls(layers, mults, arrays["p_match"], arrays["option_mass"], arrays["logit_diff"], info)
 
 
-def parse_multipliers(text: str) -> list[float]:
-    """'-1,-0.5,0,0.5,1' -> sorted finite floats; anything else is one clear CaaError."""
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(float(part.strip()))
-        except ValueError:
-            raise CaaError(
-                f"bad multipliers list {text!r}: {part.strip()!r} is not a number "
-                "(expected e.g. '-1,-0.5,0,0.5,1')"
-            ) from None
-    return check_multipliers(values)
-
-
-def check_multipliers(multipliers: Sequence[float]) -> list[float]:
-    if not multipliers:
-        raise CaaError("no multipliers given")
-    out = [check_multiplier(m) for m in multipliers]
-    if len(set(out)) != len(out):
-        raise CaaError(f"multipliers repeat a value: {', '.join(f'{m:g}' for m in out)}")
-    return sorted(out)
-
-
-def _check_layers(vector: ControlVector, layers: Sequence[int], n_layer: int) -> list[int]:
-    if not layers:
-        raise CaaError("no layers given")
-    for layer in layers:
-        check_steerable(layer, n_layer)
-    missing = [layer for layer in layers if layer not in vector.directions]
-    if missing:
-        raise CaaError(
-            f"the vector has no direction for layer {missing[0]} (it holds {format_layers(vector.layers)})"
-        )
-    return sorted(set(layers))
-
-
 def sweep_choices(
     engine: Engine,
     vector: ControlVector,
@@ -181,7 +146,7 @@ def sweep_choices(
 ) -> SweepResult:
     """Score ``choices`` at every (layer, multiplier); multiplier 0 is scored once."""
     engine.check_vector(vector, "vector", force)
-    layers = _check_layers(vector, layers, engine.n_layer)
+    layers = check_vector_layers(layers, vector.layers, engine.n_layer)
     multipliers = check_multipliers(multipliers)
     settings: list[Setting] = []
     index: dict[tuple[int, float], int] = {}
@@ -271,7 +236,7 @@ def ab_sweep_torch(
 
     n_layer = int(model.config.num_hidden_layers)
     vector.check_fits(int(model.config.hidden_size), n_layer, "vector")
-    layers = _check_layers(vector, layers, n_layer)
+    layers = check_vector_layers(layers, vector.layers, n_layer)
     multipliers = check_multipliers(multipliers)
     shape = (len(layers), len(multipliers), len(dataset_items), 2)
     logp = np.zeros(shape)
@@ -317,45 +282,3 @@ def _steer_or_nothing(steer: Any, model: Any, vector: ControlVector, mult: float
     if mult == 0.0:
         return contextlib.nullcontext()
     return steer(model, vector, mult, [layer], from_position=steer_from)
-
-
-# -- open-ended generation ------------------------------------------------------------------------
-def open_ended(
-    engine: Engine,
-    vector: ControlVector,
-    layer: int,
-    multipliers: Sequence[float],
-    prompts: Sequence[str],
-    max_tokens: int = 128,
-    seed: int = 0,
-    progress: Progress | None = None,
-    force: bool = False,
-    repeat_penalty: float = 1.1,
-) -> list[dict[str, Any]]:
-    """Greedy answers to every prompt at every multiplier (one row each)."""
-    engine.check_vector(vector, "vector", force)
-    _check_layers(vector, [layer], engine.n_layer)
-    multipliers = check_multipliers(multipliers)
-    if not prompts:
-        raise CaaError("no prompts to answer")
-    saved = engine.steering.terms
-    # Greedy as in the paper, with a mild repetition penalty: small models loop otherwise.
-    sampling = Sampling(temperature=0.0, seed=seed, max_tokens=max_tokens, repeat_penalty=repeat_penalty)
-    rows: list[dict[str, Any]] = []
-    try:
-        for mult in multipliers:
-            engine.steering.clear()
-            if mult != 0.0:
-                engine.steering.set("eval", vector, mult, (layer,))
-            engine.apply_steering()
-            for prompt in prompts:
-                result = engine.generate(user_turn(prompt), sampling)
-                rows.append({"prompt": prompt, "multiplier": mult, "layer": layer, "answer": result.text})
-                if progress:
-                    progress(1)
-    finally:
-        engine.steering.clear()
-        for term in saved:
-            engine.steering.set(term.name, term.vector, term.scale, term.layers)
-        engine.apply_steering()
-    return rows

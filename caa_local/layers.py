@@ -110,3 +110,17 @@ def format_layers(layers: Iterable[int]) -> str:
         parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
         i = j + 1
     return ",".join(parts)
+
+
+
+def check_vector_layers(layers: Iterable[int], held: Iterable[int], n_layer: int) -> list[int]:
+    """``layers`` sorted and deduplicated, each steerable in the model and held by the vector."""
+    asked, held = list(layers), set(held)
+    if not asked:
+        raise LayerRangeError("no layers given")
+    for layer in asked:
+        check_steerable(layer, n_layer)
+    missing = [layer for layer in asked if layer not in held]
+    if missing:
+        raise LayerRangeError(f"the vector has no direction for layer {missing[0]} (it holds {format_layers(held)})")
+    return sorted(set(asked))

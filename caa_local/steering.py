@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,24 @@ def check_multiplier(scale: float) -> float:
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise CaaError(f"multiplier must be a finite number, got {scale!r}")
     return float(scale)
+
+
+def check_multipliers(multipliers: Sequence[float]) -> list[float]:
+    """A sweep's multipliers: finite, distinct, sorted."""
+    if not multipliers:
+        raise CaaError("no multipliers given")
+    out = [check_multiplier(m) for m in multipliers]
+    if len(set(out)) != len(out):
+        raise CaaError(f"multipliers repeat a value: {', '.join(f'{m:g}' for m in out)}")
+    return sorted(out)
+
+
+def multiplier_warning(scale: float) -> str | None:
+    """The one warning for an absurd multiplier (|x| > ABSURD_MULTIPLIER), or None."""
+    if abs(scale) <= ABSURD_MULTIPLIER:
+        return None
+    return (f"Warning: multiplier {scale:+g} is far outside the usual range "
+            f"(|x| > {ABSURD_MULTIPLIER:g}); expect gibberish")
 
 
 class Steering:

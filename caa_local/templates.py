@@ -100,3 +100,14 @@ def instruction_end(prompt_tokens: Sequence[int], full_tokens: Sequence[int]) ->
     if shared == 0:
         raise TemplateError("the prompt and its continuation share no tokens")
     return min(shared, len(prompt_tokens)) - 1
+
+
+def drop_oldest_exchange(messages: list[Message]) -> bool:
+    """Remove the oldest user message and its answer (never the system or the last message)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users or users[0] == len(messages) - 1:
+        return False
+    first = users[0]
+    end = first + 2 if first + 1 < len(messages) - 1 and messages[first + 1]["role"] == "assistant" else first + 1
+    del messages[first:end]
+    return True

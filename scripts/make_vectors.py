@@ -92,7 +92,7 @@ def best_layers(sweep: dict[str, Any], k: int) -> list[int]:
 
 def metric_curve(engine: Any, behavior: str, vector: ControlVector, layer: int,
                  n_prompts: int, max_tokens: int) -> list[dict[str, Any]]:
-    from caa_local.evaluate import open_ended
+    from caa_local.open_ended import open_ended
     from caa_local.metrics import perplexity, summarize
     from caa_local.templates import user_turn
 

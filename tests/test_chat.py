@@ -106,6 +106,8 @@ def test_params(session: ChatSession) -> None:
     assert session.sampling.temperature == 0.0 and session.sampling.max_tokens == 5
     assert session.sampling.seed == 7 and session.sampling.top_p == 0.5
     assert "max_tokens=5" in out and "seed=7" in session.handle("/params")
+    assert "top_k" in error_line(session.handle("/params top_k=99999999999"))  # beyond llama.cpp's int32
+    assert session.sampling.top_k == CHAT_SAMPLING.top_k
 
 
 def test_conversation_save_and_reset(session: ChatSession, vector_file: Path, tmp_path: Path) -> None:
@@ -178,6 +180,10 @@ def test_context_overflow_drops_oldest_turns() -> None:
     before = list(chat.messages)
     assert "does not fit the context" in error_line(chat.handle("word " * 400))
     assert chat.messages == before
+    chat.handle("/reset")
+    chat.handle("/params max_tokens=99999999999 temperature=0")  # more than the context: the engine clamps
+    chat.handle("Write a very long story about a dragon.")
+    assert chat.last_result is not None and chat.last_result.stop_reason in ("eog", "context")
 
 
 def test_generate_and_piped_chat_without_torch(vector_file: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from caa_local.cli import main
+from caa_local.errors import CaaError, VectorFileError
 from caa_local.models import default_model_path
 from caa_local.vector import ControlVector
 
@@ -103,6 +104,13 @@ CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
     ("eval bad multipliers", lambda f: ["eval", "ab", "--vector", str(f["good"]), "--dataset", "sentiment", "--multipliers", "1,x", "--limit", "2"], "x"),
     ("eval without a layer", lambda f: ["eval", "ab", "--vector", str(f["nolayer"]), "--dataset", "sentiment", "--limit", "2"], "--layers"),
     ("eval missing dataset", lambda f: ["eval", "ab", "--vector", str(f["good"]), "--dataset", str(f["text"].parent / "none.json"), "--limit", "2"], "none.json"),
+    ("vector spec with a bad scale", lambda f: [*GEN, "--vector", f"{f['good']}:x2"], "not a number"),
+    ("combine infinite scale", lambda f: ["vector", "combine", f"{f['good']}:inf", "-o", str(f["good"].parent / "o.gguf")], "finite"),
+    ("threads not a number", lambda f: [*GEN[:-2], "--threads", "many"], "--threads"),
+    ("max tokens not a number", lambda f: ["generate", "hi", "--max-tokens", "lots"], "--max-tokens"),
+    ("eval NaN multiplier", lambda f: ["eval", "ab", "--vector", str(f["good"]), "--dataset", "sentiment", "--multipliers", "0,nan", "--limit", "2"], "finite"),
+    ("eval repeated multiplier", lambda f: ["eval", "ab", "--vector", str(f["good"]), "--dataset", "sentiment", "--multipliers", "1,1", "--limit", "2"], "repeat"),
+    ("open-ended zero max tokens", lambda f: ["eval", "open-ended", "--vector", str(f["good"]), "--dataset", "sentiment", "--max-tokens", "0"], "--max-tokens"),
 ]
 
 
@@ -130,3 +138,68 @@ def test_debug_shows_the_traceback(files: dict[str, Path]) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode != 0 and "Traceback" in result.stderr and "VectorFileError" in result.stderr
+
+
+# -- warnings: the command still runs ----------------------------------------------------------
+def run_cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_absurd_multiplier_and_long_context_warn(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, [*GEN[:2], "--max-tokens", "1", "--threads", "1", "--ctx", "8448",
+                                      "--vector", f"{files['good']}:80"])
+    assert code == 0 and "Traceback" not in err, err
+    assert "Warning: multiplier +80 is far outside the usual range" in err
+    assert "Warning: --ctx 8448 is beyond the 8192 tokens" in err
+    assert out.strip()  # it still answered
+    code, _, err = run_cli(capsys, ["eval", "ab", "--vector", str(files["good"]), "--dataset", "sentiment",
+                                    "--multipliers", "0,-60", "--limit", "1", "--threads", "1"])
+    assert code == 0 and "Warning: multiplier -60" in err, err
+
+
+def test_max_tokens_beyond_the_context_is_clamped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "answer.json"
+    code, _, err = run_cli(capsys, ["generate", "Write a very long story about a dragon.", "--ctx", "256",
+                                    "--max-tokens", "100000000000", "--temperature", "0", "--threads", "1",
+                                    "--json", str(out_path)])
+    assert code == 0 and "Traceback" not in err, err
+    assert "Warning: --max-tokens 100000000000 is larger than the context of 256 tokens; using 256" in err
+    data = json.loads(out_path.read_text())
+    assert data["stop_reason"] in ("eog", "context")
+    if data["stop_reason"] == "context":
+        assert "Note: the answer stopped when the context of 256 tokens filled" in err
+
+
+# -- CliRunner: the same one-line errors without cli.main ------------------------------------
+def test_cli_runner_gets_one_error_line(files: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from caa_local.cli import cli
+
+    for argv, fragment in (
+        (["vector", "info", str(files["nan"])], "NaN"),
+        (["eval", "ab", "--vector", str(files["nolayer"]), "--dataset", "sentiment", "--limit", "2"], "--layers"),
+    ):
+        result = CliRunner().invoke(cli, argv)
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.stderr
+        assert "Traceback" not in result.output
+        assert not isinstance(result.exception, CaaError)  # handled, not escaped
+
+
+def test_cli_runner_debug_keeps_the_exception(files: dict[str, Path]) -> None:
+    from click.testing import CliRunner
+
+    from caa_local.cli import cli
+
+    result = CliRunner().invoke(cli, ["--debug", "vector", "info", str(files["nan"])])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, VectorFileError)
+    assert "Error:" not in result.stderr

@@ -14,15 +14,11 @@ from caa_local import analyze, plots
 from caa_local.datasets import ABItem, load_ab, split
 from caa_local.engine import Engine
 from caa_local.errors import CaaError
-from caa_local.evaluate import (
-    SweepResult,
-    ab_sweep,
-    capability_eval,
-    open_ended,
-    parse_multipliers,
-)
+from caa_local.evaluate import SweepResult, ab_sweep, capability_eval
+from caa_local.open_ended import open_ended
 from caa_local.rubrics import RUBRICS, export_rows, judge, judge_summary, parse_score
 from caa_local.scoring import Setting, choices_from_items, score_ab, score_ab_naive
+from caa_local.specs import parse_multipliers
 from caa_local.vector import ControlVector
 
 # One thread: on a CPU shared with other jobs, 2 threads on 2 cores made this file 3-4x slower
