@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,25 +96,9 @@ def run_worker(group: str, cfg: Config) -> dict[str, Any]:
 
 def startup_times(cfg: Config, timeout: float = 60.0) -> list[float]:
     """Seconds from spawning `caa-local chat` in a pseudo-terminal to its first prompt."""
-    import pexpect
+    from .chat_bench import startup_times as measure
 
-    from .chat_bench import PROMPT_RE, chat_command
-
-    command = chat_command()
-    args = [*command[1:], "chat", "--threads", str(cfg.threads), *(["--model", cfg.model] if cfg.model else [])]
-    env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
-    times = []
-    for _ in range(cfg.startup_runs):
-        start = time.perf_counter()
-        child = pexpect.spawn(command[0], args, env=env, timeout=timeout, encoding="utf-8", dimensions=(40, 160))
-        try:
-            child.expect(PROMPT_RE)
-            times.append(time.perf_counter() - start)
-            child.sendcontrol("d")
-            child.expect(pexpect.EOF)
-        finally:
-            child.close(force=True)
-    return times
+    return measure(cfg.startup_runs, cfg.threads, cfg.model, timeout)
 
 
 def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[Row]:

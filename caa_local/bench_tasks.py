@@ -156,7 +156,7 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     native, base = interleaved(cfg.repeats, native_prefill, llama_prefill)
     figures["prefill_native_vs_llama_cpp_python"] = {"value": native, "baseline": base}
     engine.session.truncate(0)
-    del llm
+    llm.close()  # frees its model before the next measurement
 
     from .datasets import load_ab
 

@@ -41,17 +41,18 @@ def random_vector(engine: Engine, layers: tuple[int, ...] = (10,), norm: float =
     return ControlVector(engine.architecture, directions, {"recommended_layer": str(layers[0])})
 
 
-def startup(runs: int = 3, n_threads: int = 2, timeout: float = 60.0) -> dict[str, float]:
-    """Seconds from spawning `caa-local chat` to its first prompt (target: 1.5 s)."""
+def startup_times(runs: int = 3, n_threads: int = 2, model: str | None = None,
+                  timeout: float = 60.0) -> list[float]:
+    """Seconds from spawning `caa-local chat` in a pseudo-terminal to its first prompt."""
     import pexpect
 
     command = chat_command()
+    args = [*command[1:], "chat", "--threads", str(n_threads), *(["--model", model] if model else [])]
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1"}
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        child = pexpect.spawn(command[0], [*command[1:], "chat", "--threads", str(n_threads)],
-                              env=env, timeout=timeout, encoding="utf-8", dimensions=(40, 160))
+        child = pexpect.spawn(command[0], args, env=env, timeout=timeout, encoding="utf-8", dimensions=(40, 160))
         try:
             child.expect(PROMPT_RE)
             times.append(time.perf_counter() - start)
@@ -59,6 +60,12 @@ def startup(runs: int = 3, n_threads: int = 2, timeout: float = 60.0) -> dict[st
             child.expect(pexpect.EOF)
         finally:
             child.close(force=True)
+    return times
+
+
+def startup(runs: int = 3, n_threads: int = 2, timeout: float = 60.0) -> dict[str, float]:
+    """Start-up to the first prompt of `caa-local chat` (target: 1.5 s)."""
+    times = startup_times(runs, n_threads, None, timeout)
     return {"startup_s_median": statistics.median(times), "startup_s_min": min(times),
             "startup_s_max": max(times)}
 

@@ -10,7 +10,7 @@
    over multipliers at the best A/B layers, with a fluency guard; the recommended layer and
    multiplier are where the metric rises monotonically while the answers stay fluent;
 5. write vectors/*.gguf (recommended layer and multiplier in their metadata) and the
-   measured tables for vectors/README.md (vectors/results.json + vectors/RESULTS.md).
+   measured tables: vectors/results.json and vectors/README.md.
 
 Intermediate results live in build/vectors-work/, so an interrupted run resumes.
 """
@@ -185,7 +185,7 @@ def main() -> None:
             ).save(OUT / f"{behavior}.gguf", force=True)
             write_json(results_path, results, force=True)
             log(f"{behavior}: layer {entry['layer']}, multiplier {entry['multiplier']}")
-    write_text(OUT / "RESULTS.md", render_tables(results), force=True)
+    write_text(OUT / "README.md", render_readme(results, args), force=True)
 
 
 def example_pair(rows: list[dict[str, Any]], multiplier: float) -> dict[str, str]:
@@ -195,23 +195,80 @@ def example_pair(rows: list[dict[str, Any]], multiplier: float) -> dict[str, str
             "multiplier": str(multiplier)}
 
 
-def render_tables(results: dict[str, Any]) -> str:
-    lines = ["| behavior | layer | p(match) at -1 | at 0 | at +1 | n |", "|---|---|---|---|---|---|"]
-    for behavior, entry in results.items():
-        p = {(r["layer"], r["multiplier"]): r["p_match"] for r in entry["sweep"]["rows"]}
-        L = entry["layer"]
-        lines.append(f"| {behavior} | {L} | {p[(L, -1.0)]:.3f} | {p[(L, 0.0)]:.3f} | "
-                     f"{p[(L, 1.0)]:.3f} | {entry['sweep']['n']} |")
-    for behavior, entry in results.items():
-        if "curves" not in entry:
+PAPER_NOTE = """\
+# Shipped vectors (default model: SmolLM2-135M-Instruct, Q4_1)
+
+Made by `make vectors` ({command}); every figure below was measured by that run with the
+native engine on the held-out validation split (seeded 80/20 split of each behavior's
+`generate_dataset.json`; the vectors never saw these questions).
+
+- **The paper's seven behaviors** (`coordinate-other-ais` ... `refusal`): CAA vectors exactly as
+  in the paper (mean difference at the answer letter, {train} training pairs per behavior,
+  normalized per layer across the seven). The layer is the one with the largest
+  p(+1) - p(-1) over all 29 steerable layers. **A model this small does not carry these
+  behaviors**: p(match) stays near 0.5 and moves by a few hundredths at most, the size of the
+  noise on {val} questions. They are shipped to show the pipeline end to end and as a
+  baseline; for the paper's effects extract from a 7B chat model (below).
+- **Demo behaviors** (`sentiment`, `formality`, `enthusiasm`): datasets written for this
+  project (caa_local/data/demo) with stark contrasts a 135M model can represent, extracted
+  with `--read answer-text` (the mean over the whole answer's tokens, not only its letter:
+  on this model the letter alone moves nothing visible), normalized across the three. The
+  layer and multiplier are chosen on open-ended answers to held-out prompts: the layer
+  (among the two best A/B layers) where a judge-free metric rises monotonically over the
+  most multipliers while the answers stay fluent (at most 20% degenerate answers, median
+  perplexity under the unsteered model at most 3x the unsteered answers').
+
+Each file records `recommended_layer` and `recommended_multiplier` in its metadata
+(`caa-local vector list`); `caa-local chat --vector sentiment` uses them.
+
+## A/B p(match) on validation questions at the recommended layer
+
+"""
+
+SEVEN_B = """
+## The paper's behaviors on a 7B model
+
+```sh
+pip install '.[extract]'
+for b in coordinate-other-ais corrigible-neutral-HHH hallucination myopic-reward survival-instinct sycophancy refusal; do
+  caa-local extract $b --model meta-llama/Llama-2-7b-chat-hf --device auto --dtype bfloat16 --out raw/$b.gguf
+done
+caa-local normalize raw/*.gguf --out-dir vectors-7b/
+caa-local eval ab --vector vectors-7b/sycophancy.gguf --dataset sycophancy --layers all \\
+    --multipliers -1,0,1 --model llama-2-7b-chat.Q4_K_M.gguf --json sweep.json --plot sweep.png
+```
+`--model` also takes a local HF directory or a GGUF file (transformers dequantizes it).
+"""
+
+
+def render_readme(results: dict[str, Any], args: argparse.Namespace) -> str:
+    command = f"scripts/make_vectors.py --train-limit {args.train_limit} --val-limit {args.val_limit}"
+    lines = [PAPER_NOTE.format(command=command, train=args.train_limit, val=args.val_limit).rstrip("\n") + "\n"]
+    lines += ["| behavior | layer | p(match) at -1 | at 0 | at +1 | questions |", "|---|---|---|---|---|---|"]
+    for behavior in [*PAPER_BEHAVIORS, *DEMO_BEHAVIORS]:
+        if behavior not in results:
             continue
-        metric = entry["metric"]
-        lines += ["", f"**{behavior}** ({metric}, layer {entry['layer']}; monotone and fluent over "
-                  f"{entry['span'][0]:+g}..{entry['span'][-1]:+g})", "",
-                  "| multiplier | " + metric + " | degenerate | perplexity |", "|---|---|---|---|"]
+        entry = results[behavior]
+        p = {(r["layer"], r["multiplier"]): r["p_match"] for r in entry["sweep"]["rows"]}
+        layer = entry["layer"]
+        lines.append(f"| {behavior} | {layer} | {p[(layer, -1.0)]:.3f} | {p[(layer, 0.0)]:.3f} | "
+                     f"{p[(layer, 1.0)]:.3f} | {entry['sweep']['n']} |")
+    for behavior in DEMO_BEHAVIORS:
+        entry = results.get(behavior)
+        if not entry or "curves" not in entry:
+            continue
+        metric, span, example = entry["metric"], entry["span"], entry["examples"]
+        lines += ["", f"## {behavior}: layer {entry['layer']}, multipliers {span[0]:+g} .. {span[-1]:+g}", "",
+                  f"Mean `{metric}` metric (caa_local/metrics.py) of greedy answers to "
+                  f"{entry['curves'][str(entry['layer'])][0]['n']} held-out prompts; monotone and fluent over "
+                  f"{span[0]:+g} .. {span[-1]:+g}; recommended multiplier {entry['multiplier']:+g}.", "",
+                  f"| multiplier | {metric} | degenerate | perplexity |", "|---|---|---|---|"]
         for s in entry["curves"][str(entry["layer"])]:
             lines.append(f"| {s['multiplier']:+g} | {s[metric]:.3f} | {s['degenerate']:.2f} | "
                          f"{s.get('perplexity', float('nan')):.1f} |")
+        lines += ["", f"> **{example['prompt']}**", ">", f"> unsteered: {example['unsteered']}", ">",
+                  f"> steered x{float(example['multiplier']):+g}: {example['steered']}"]
+    lines.append(SEVEN_B)
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+from caa_local.cli import main
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -20,3 +22,14 @@ def hf_model() -> tuple[Any, Any, Any]:
 
     model, tokenizer, _info = load_hf(None)
     return model, tokenizer, chat_template_of(tokenizer)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run `caa-local ARGS` in-process: (exit code, stdout, stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

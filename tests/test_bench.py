@@ -14,24 +14,14 @@ from pathlib import Path
 import pytest
 
 from caa_local.bench import REQUIRED, build_rows, check_rows, format_table, render_markdown
-from caa_local.cli import main
 from caa_local.errors import CaaError
+from conftest import run_cli
 
 RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python", "decode_native_vs_transformers",
               "prefill_native_vs_llama_cpp_python", "ab_sweep_reuse_vs_naive", "extract_batched_vs_loop")
 VALUE_ROWS = ("chat_startup_s", "steer_change_ms", "peak_rss_generate_mib", "peak_rss_extract_mib")
 WHERE = {"cpu": "Test CPU 9000", "cores": 2, "threads": 2}
 FACTS = {"rss_budget_mib": 190.0, "n_ctx": 4096, "gguf_mib": 20.0, "kv_cache_mib": 20.0}
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def made_up_rows() -> list[dict[str, object]]:
@@ -87,7 +77,7 @@ def test_bench_refuses_to_overwrite_before_measuring(tmp_path: Path, capsys: pyt
     out = tmp_path / "bench.json"
     out.write_text("[]\n")
     started = time.perf_counter()
-    code, _, err = run(capsys, "bench", "--quick", "--json", str(out))
+    code, _, err = run_cli(capsys, "bench", "--quick", "--json", str(out))
     assert code == 1 and "Traceback" not in err
     assert err.strip() == f"Error: {out}: file exists (use --force to overwrite)"
     assert time.perf_counter() - started < 5 and out.read_text() == "[]\n"
@@ -96,11 +86,11 @@ def test_bench_refuses_to_overwrite_before_measuring(tmp_path: Path, capsys: pyt
 def test_markdown_from_an_earlier_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     saved, markdown = tmp_path / "bench.json", tmp_path / "perf.md"
     saved.write_text(json.dumps(made_up_rows()))
-    code, out, _ = run(capsys, "bench", "--from-json", str(saved), "--markdown", str(markdown))
+    code, out, _ = run_cli(capsys, "bench", "--from-json", str(saved), "--markdown", str(markdown))
     assert code == 0 and "ab_sweep_reuse_vs_naive" in out
     assert markdown.read_text() == render_markdown(made_up_rows())
     saved.write_text('{"not": "rows"}')
-    code, _, err = run(capsys, "bench", "--from-json", str(saved))
+    code, _, err = run_cli(capsys, "bench", "--from-json", str(saved))
     assert code == 1 and err.strip().endswith("expected a list of rows from `caa-local bench --json`")
 
 
@@ -108,7 +98,7 @@ def test_markdown_from_an_earlier_json(tmp_path: Path, capsys: pytest.CaptureFix
 def test_quick_bench_writes_the_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, markdown = tmp_path / "bench.json", tmp_path / "perf.md"
     started = time.perf_counter()
-    code, table, err = run(capsys, "bench", "--quick", "--threads", "1", "--json", str(out),
+    code, table, err = run_cli(capsys, "bench", "--quick", "--threads", "1", "--json", str(out),
                            "--markdown", str(markdown))
     assert code == 0, err
     assert time.perf_counter() - started < 180

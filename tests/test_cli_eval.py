@@ -10,23 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local.cli import main
 from caa_local.plots import PNG_MAGIC
 from caa_local.vector import ControlVector
+from conftest import run_cli
 
 THREADS = ["--threads", os.environ.get("CAA_TEST_THREADS", "1")]  # see test_evaluate.py
 CONTRACT = {"model", "vector", "dataset", "backend", "results"}
 ROW = {"layer", "multiplier", "p_match", "n"}
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_error(code: int, err: str) -> str:
@@ -62,7 +52,7 @@ def test_ab_json_contract_plot_and_steerability(
     capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], tmp_path: Path
 ) -> None:
     out, png = tmp_path / "ab.json", tmp_path / "ab.png"
-    code, stdout, err = run(capsys, "eval", "ab", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
+    code, stdout, err = run_cli(capsys, "eval", "ab", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
                             "--limit", "4", "--multipliers", "-1,0,1", "--json", str(out), "--plot", str(png),
                             *THREADS)
     assert code == 0, err
@@ -76,13 +66,13 @@ def test_ab_json_contract_plot_and_steerability(
     assert data["split"] == "val" and "per_question" in data and "15" in data["steerability"]
     assert is_png(png)
 
-    code, stdout, err = run(capsys, "analyze", "steerability", str(out))
+    code, stdout, err = run_cli(capsys, "analyze", "steerability", str(out))
     assert code == 0, err
     assert "steerability" in stdout and "   15" in stdout
 
     # The outputs exist now: refused before any work, nothing changed.
     before = out.read_bytes()
-    code, _, err = run(capsys, "eval", "ab", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
+    code, _, err = run_cli(capsys, "eval", "ab", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
                        "--json", str(out))
     assert "file exists" in one_error(code, err) and out.read_bytes() == before
 
@@ -103,13 +93,13 @@ def test_ab_errors_are_one_line(
     capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], args: list[str], message: str
 ) -> None:
     args = [str(vectors[a.lower()]) if a in ("PLAIN", "REC") else a for a in args]
-    code, _, err = run(capsys, "eval", "ab", *args, *THREADS)
+    code, _, err = run_cli(capsys, "eval", "ab", *args, *THREADS)
     assert message in one_error(code, err)
 
 
 def test_open_ended_cli(capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], tmp_path: Path) -> None:
     out, export = tmp_path / "oe.jsonl", tmp_path / "export.jsonl"
-    code, stdout, err = run(capsys, "eval", "open-ended", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
+    code, stdout, err = run_cli(capsys, "eval", "open-ended", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
                             "--limit", "1", "--multipliers", "0,2", "--max-tokens", "8", "--metric", "sentiment",
                             "--metric", "length", "--out", str(out), "--export", str(export), *THREADS)
     assert code == 0, err
@@ -119,14 +109,14 @@ def test_open_ended_cli(capsys: pytest.CaptureFixture[str], vectors: dict[str, P
     assert {"prompt", "multiplier", "layer", "answer", "sentiment", "length", "perplexity"} <= set(rows[0])
     exported = [json.loads(line) for line in export.read_text().splitlines()]
     assert exported[0]["behavior"] == "sentiment" and "0 to 10" in exported[0]["judge_prompt"]
-    code, _, err = run(capsys, "eval", "open-ended", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
+    code, _, err = run_cli(capsys, "eval", "open-ended", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
                        "--metric", "nope")
     assert "unknown metric 'nope'" in one_error(code, err)
 
 
 def test_capability_cli(capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "tqa.json"
-    code, stdout, err = run(capsys, "eval", "truthfulqa", "--vector", str(vectors["rec"]), "--limit", "2",
+    code, stdout, err = run_cli(capsys, "eval", "truthfulqa", "--vector", str(vectors["rec"]), "--limit", "2",
                             "--multipliers", "0,1", "--json", str(out), *THREADS)
     assert code == 0, err
     data = json.loads(out.read_text())
@@ -139,15 +129,15 @@ def test_analyze_cosine_and_behaviors(
     capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], tmp_path: Path
 ) -> None:
     heat = tmp_path / "cos.png"
-    code, stdout, err = run(capsys, "analyze", "cosine", str(vectors["rec"]), "--out", str(heat))
+    code, stdout, err = run_cli(capsys, "analyze", "cosine", str(vectors["rec"]), "--out", str(heat))
     assert code == 0, err
     assert "3 layers" in stdout and is_png(heat)
     matrix = tmp_path / "beh.png"
-    code, stdout, err = run(capsys, "analyze", "behaviors", str(vectors["rec"]), str(vectors["plain"]),
+    code, stdout, err = run_cli(capsys, "analyze", "behaviors", str(vectors["rec"]), str(vectors["plain"]),
                             "--layer", "15", "--out", str(matrix))
     assert code == 0, err
     assert "sentiment" in stdout and "formality" in stdout and "1.00" in stdout and is_png(matrix)
-    code, _, err = run(capsys, "analyze", "behaviors", str(vectors["rec"]), str(vectors["plain"]), "--layer", "3")
+    code, _, err = run_cli(capsys, "analyze", "behaviors", str(vectors["rec"]), str(vectors["plain"]), "--layer", "3")
     assert "no direction for layer 3" in one_error(code, err)
 
 
@@ -156,7 +146,7 @@ def test_report(capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], tm
     vectors_dir.mkdir()
     (vectors_dir / "sentiment.gguf").write_bytes(vectors["rec"].read_bytes())
     report = tmp_path / "report"
-    code, stdout, err = run(capsys, "eval", "report", "--vectors", str(vectors_dir), "--out", str(report),
+    code, stdout, err = run_cli(capsys, "eval", "report", "--vectors", str(vectors_dir), "--out", str(report),
                             "--limit", "2", *THREADS)
     assert code == 0, err
     text = (report / "README.md").read_text()
@@ -164,7 +154,7 @@ def test_report(capsys: pytest.CaptureFixture[str], vectors: dict[str, Path], tm
     assert is_png(report / "sentiment_layers.png") and is_png(report / "sentiment_multipliers.png")
     data = json.loads((report / "sentiment.json").read_text())
     assert [r["layer"] for r in data["layer_sweep"]["results"]] == [10] * 3 + [15] * 3 + [20] * 3
-    code, _, err = run(capsys, "eval", "report", "--vectors", str(vectors_dir), "--out", str(report))
+    code, _, err = run_cli(capsys, "eval", "report", "--vectors", str(vectors_dir), "--out", str(report))
     assert "file exists" in one_error(code, err)
 
 
@@ -176,7 +166,7 @@ def test_analyze_pca(capsys: pytest.CaptureFixture[str], tmp_path: Path, hf_mode
     threads = torch.get_num_threads()
     torch.set_num_threads(int(THREADS[1]))  # spinning threads stall on a shared CPU
     try:
-        code, stdout, err = run(capsys, "analyze", "pca", "--dataset", "sentiment", "--layers", "2,15",
+        code, stdout, err = run_cli(capsys, "analyze", "pca", "--dataset", "sentiment", "--layers", "2,15",
                                 "--limit", "6", "--out", str(grid))
     finally:
         torch.set_num_threads(threads)
