@@ -33,7 +33,7 @@ report: dev
 	$(CAA) eval report --out report --force
 
 bench: dev
-	$(CAA) bench --json bench.json
+	$(CAA) bench --threads 0 --json bench.json --markdown perf.md --force
 
 clean:
 	rm -rf build .pytest_cache
