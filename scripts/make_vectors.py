@@ -7,8 +7,8 @@
    A/B p(match) at multipliers -1 / +1 at every layer, keeping the layer with the largest
    p(+1) - p(-1);
 4. demo behaviors only: judge-free metric curves of open-ended answers to held-out prompts
-   over multipliers at the best A/B layers, with a fluency guard; the recommended layer and
-   multiplier are where the metric rises monotonically while the answers stay fluent;
+   over multipliers at the best A/B layers, with a fluency guard: the layer where the metric
+   rises monotonically over the most multipliers while fluent, the strongest fluent multiplier;
 5. write vectors/*.gguf (recommended layer and multiplier in their metadata) and the
    measured tables: vectors/results.json and vectors/README.md.
 
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "vectors-work"
 OUT = ROOT / "vectors"
 DEMO_METRIC = {"sentiment": "sentiment", "formality": "formality", "enthusiasm": "enthusiasm"}
-DEMO_MULTIPLIERS = [-4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+DEMO_MULTIPLIERS = [-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 # The paper's read position (the answer letter) carries almost nothing on a 135M model; the
 # demo vectors average over the whole answer text instead (measured: see vectors/README.md).
 DEMO_READ = "answer-text"
@@ -110,25 +110,33 @@ def metric_curve(engine: Any, behavior: str, vector: ControlVector, layer: int,
     return {"summary": summary, "rows": rows}
 
 
-def monotone_range(summary: list[dict[str, Any]], metric: str) -> tuple[list[float], float]:
-    """The widest run of multipliers around 0 where the metric strictly rises and fluency holds.
-
-    Fluent: no more than 20% degenerate answers and median perplexity (of the steered text
-    under the unsteered model) at most 3x the unsteered answers'.
-    """
+def fluent(summary: list[dict[str, Any]], multiplier: float) -> bool:
+    """At most 20% degenerate answers, and median perplexity (of the steered text under the
+    unsteered model) at most 3x the unsteered answers'."""
     by_mult = {s["multiplier"]: s for s in summary}
-    base_ppl = by_mult[0.0].get("perplexity", math.inf)
+    s = by_mult[multiplier]
+    return s["degenerate"] <= 0.2 and s.get("perplexity", math.inf) <= 3 * by_mult[0.0].get("perplexity", math.inf)
 
-    def fluent(m: float) -> bool:
-        s = by_mult[m]
-        return s["degenerate"] <= 0.2 and s.get("perplexity", math.inf) <= 3 * base_ppl
+
+def strongest_fluent(summary: list[dict[str, Any]], metric: str) -> float:
+    """The recommended multiplier: the positive one with the highest metric while fluent."""
+    candidates = [s for s in summary if s["multiplier"] > 0 and fluent(summary, s["multiplier"])]
+    return max(candidates, key=lambda s: s[metric])["multiplier"] if candidates else 1.0
+
+
+def monotone_range(summary: list[dict[str, Any]], metric: str) -> tuple[list[float], float]:
+    """The widest run of multipliers around 0 where the metric strictly rises and fluency holds."""
+    by_mult = {s["multiplier"]: s for s in summary}
+
+    def ok(m: float) -> bool:
+        return fluent(summary, m)
 
     mults = sorted(by_mult)
     zero = mults.index(0.0)
     lo = hi = zero
-    while lo > 0 and fluent(mults[lo - 1]) and by_mult[mults[lo - 1]][metric] < by_mult[mults[lo]][metric]:
+    while lo > 0 and ok(mults[lo - 1]) and by_mult[mults[lo - 1]][metric] < by_mult[mults[lo]][metric]:
         lo -= 1
-    while hi < len(mults) - 1 and fluent(mults[hi + 1]) and by_mult[mults[hi + 1]][metric] > by_mult[mults[hi]][metric]:
+    while hi < len(mults) - 1 and ok(mults[hi + 1]) and by_mult[mults[hi + 1]][metric] > by_mult[mults[hi]][metric]:
         hi += 1
     span = mults[lo : hi + 1]
     return span, by_mult[mults[hi]][metric] - by_mult[mults[lo]][metric]
@@ -175,9 +183,10 @@ def main() -> None:
                                 reverse=True)
                 layer = ranked[0]
                 span, gain = monotone_range(curves[layer]["summary"], metric)
-                entry.update(layer=layer, multiplier=max(span), metric=metric, span=span, gain=gain,
+                best = strongest_fluent(curves[layer]["summary"], metric)
+                entry.update(layer=layer, multiplier=best, metric=metric, span=span, gain=gain,
                              curves={str(L): c["summary"] for L, c in curves.items()},
-                             examples=example_pair(curves[layer]["rows"], max(span)))
+                             examples=example_pair(curves[layer]["rows"], best))
             results[behavior] = entry
             vector.with_metadata(
                 recommended_layer=entry["layer"], recommended_multiplier=entry["multiplier"],
@@ -216,7 +225,8 @@ native engine on the held-out validation split (seeded 80/20 split of each behav
   layer and multiplier are chosen on open-ended answers to held-out prompts: the layer
   (among the two best A/B layers) where a judge-free metric rises monotonically over the
   most multipliers while the answers stay fluent (at most 20% degenerate answers, median
-  perplexity under the unsteered model at most 3x the unsteered answers').
+  perplexity under the unsteered model at most 3x the unsteered answers'); the multiplier is
+  the positive one with the highest metric among the fluent ones.
 
 Each file records `recommended_layer` and `recommended_multiplier` in its metadata
 (`caa-local vector list`); `caa-local chat --vector sentiment` uses them.
@@ -261,7 +271,7 @@ def render_readme(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines += ["", f"## {behavior}: layer {entry['layer']}, multipliers {span[0]:+g} .. {span[-1]:+g}", "",
                   f"Mean `{metric}` metric (caa_local/metrics.py) of greedy answers to "
                   f"{entry['curves'][str(entry['layer'])][0]['n']} held-out prompts; monotone and fluent over "
-                  f"{span[0]:+g} .. {span[-1]:+g}; recommended multiplier {entry['multiplier']:+g}.", "",
+                  f"{span[0]:+g} .. {span[-1]:+g}; recommended multiplier {entry['multiplier']:+g} (the strongest fluent one).", "",
                   f"| multiplier | {metric} | degenerate | perplexity |", "|---|---|---|---|"]
         for s in entry["curves"][str(entry["layer"])]:
             lines.append(f"| {s['multiplier']:+g} | {s[metric]:.3f} | {s['degenerate']:.2f} | "
