@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,3 +34,24 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
         code = int(exit_.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def write_raw_vector(path: Path, tensors: dict[str, Any], *, arch: str = "controlvector",
+                     hint: str | None = "llama", layer_count: int | None = None,
+                     layer_count_type: str = "uint32", endianess: Any = None) -> Path:
+    """A vector file written with gguf.GGUFWriter directly (as repeng writes them), bypassing
+    ControlVector's validation, so tests can hand hostile files to the reader and the CLI."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch, endianess=endianess or gguf.GGUFEndian.LITTLE)
+    if hint is not None:
+        writer.add_string("controlvector.model_hint", hint)
+    count = len(tensors) if layer_count is None else layer_count
+    getattr(writer, f"add_{layer_count_type}")("controlvector.layer_count", count)
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

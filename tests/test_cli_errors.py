@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
@@ -16,20 +15,7 @@ from caa_local.cli import main
 from caa_local.errors import CaaError, VectorFileError
 from caa_local.models import default_model_path
 from caa_local.vector import ControlVector
-
-
-def raw_vector(path: Path, tensors: dict[str, np.ndarray], arch: str = "controlvector") -> Path:
-    """A GGUF written without ControlVector's validation, to hand the CLI hostile files."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_string("controlvector.model_hint", "llama")
-    writer.add_uint32("controlvector.layer_count", len(tensors))
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+from conftest import write_raw_vector
 
 
 @pytest.fixture
@@ -38,9 +24,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
     out = {
         "good": tmp_path / "good.gguf",
         "garbage": tmp_path / "garbage.gguf",
-        "nan": raw_vector(tmp_path / "nan.gguf", {"direction.5": np.full(576, np.nan, np.float32)}),
-        "block0": raw_vector(tmp_path / "block0.gguf", {"direction.0": ok}),
-        "f64": raw_vector(tmp_path / "f64.gguf", {"direction.5": ok.astype(np.float64)}),
+        "nan": write_raw_vector(tmp_path / "nan.gguf", {"direction.5": np.full(576, np.nan, np.float32)}),
+        "block0": write_raw_vector(tmp_path / "block0.gguf", {"direction.0": ok}),
+        "f64": write_raw_vector(tmp_path / "f64.gguf", {"direction.5": ok.astype(np.float64)}),
         "bigembd": tmp_path / "bigembd.gguf",
         "beyond": tmp_path / "beyond.gguf",
         "qwen": tmp_path / "qwen.gguf",

@@ -13,6 +13,7 @@ import pytest
 
 from caa_local.errors import CaaError, ModelMismatchError, VectorFileError
 from caa_local.vector import ControlVector
+from conftest import write_raw_vector
 
 N_EMBD = 16
 
@@ -28,23 +29,6 @@ def vec() -> ControlVector:
     return ControlVector("llama", _directions([3, 1, 13]), meta)
 
 
-def _write_gguf(path: Path, tensors: dict[str, np.ndarray], *, arch: str = "controlvector",
-                hint: str | None = "llama", layer_count: int | None = None,
-                layer_count_type: str = "uint32",
-                endianess: gguf.GGUFEndian = gguf.GGUFEndian.LITTLE) -> Path:
-    """A file written with gguf.GGUFWriter directly, the way repeng writes them."""
-    writer = gguf.GGUFWriter(str(path), arch, endianess=endianess)
-    if hint is not None:
-        writer.add_string("controlvector.model_hint", hint)
-    count = len(tensors) if layer_count is None else layer_count
-    getattr(writer, f"add_{layer_count_type}")("controlvector.layer_count", count)
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _only_file(folder: Path) -> list[str]:
@@ -107,7 +91,7 @@ def test_file_is_in_llama_cpp_layout(tmp_path: Path, vec: ControlVector) -> None
 
 def test_repeng_style_file_loads(tmp_path: Path) -> None:
     dirs = _directions([1, 2, 3, 4], seed=7, n_embd=32)
-    path = _write_gguf(tmp_path / "repeng.gguf", {f"direction.{l}": v for l, v in dirs.items()},
+    path = write_raw_vector(tmp_path / "repeng.gguf", {f"direction.{l}": v for l, v in dirs.items()},
                        hint="mistral")
     loaded = ControlVector.load(path)
     assert loaded.model_hint == "mistral" and loaded.layers == [1, 2, 3, 4]
@@ -119,7 +103,7 @@ def test_repeng_style_file_loads(tmp_path: Path) -> None:
 def test_cvector_generator_style_int32_layer_count_loads(tmp_path: Path) -> None:
     # llama.cpp's cvector-generator stores the layer count as int32 and may skip layers
     dirs = _directions([5, 9], n_embd=8)
-    path = _write_gguf(tmp_path / "gen.gguf", {f"direction.{l}": v for l, v in dirs.items()},
+    path = write_raw_vector(tmp_path / "gen.gguf", {f"direction.{l}": v for l, v in dirs.items()},
                        layer_count=31, layer_count_type="int32")
     assert ControlVector.load(path).layers == [5, 9]
 
@@ -278,14 +262,14 @@ def _refused(path: Path, match: str) -> None:
 
 
 def test_refuses_direction_0(tmp_path: Path) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.0": np.ones(8, np.float32),
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.0": np.ones(8, np.float32),
                                               "direction.1": np.ones(8, np.float32)})
     _refused(path, r"'direction\.0': llama\.cpp cannot steer block 0")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
 def test_refuses_non_f32_tensors(tmp_path: Path, dtype: type) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, dtype)})
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.1": np.ones(8, dtype)})
     _refused(path, r"'direction\.1' is (F64|F16|I32), llama\.cpp needs F32")
 
 
@@ -293,45 +277,45 @@ def test_refuses_non_f32_tensors(tmp_path: Path, dtype: type) -> None:
 def test_refuses_non_finite_values(tmp_path: Path, bad: float) -> None:
     data = np.ones(8, np.float32)
     data[3] = bad
-    path = _write_gguf(tmp_path / "v.gguf",
+    path = write_raw_vector(tmp_path / "v.gguf",
                        {"direction.1": np.ones(8, np.float32), "direction.2": data})
     _refused(path, r"direction\.2: holds NaN or Inf")
 
 
 def test_refuses_ragged_n_embd(tmp_path: Path) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32),
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32),
                                               "direction.2": np.ones(16, np.float32)})
     _refused(path, r"direction\.2 has 16 values, other layers have 8")
 
 
 def test_refuses_file_without_tensors(tmp_path: Path) -> None:
-    _refused(_write_gguf(tmp_path / "v.gguf", {}), "no 'direction.N' tensors")
+    _refused(write_raw_vector(tmp_path / "v.gguf", {}), "no 'direction.N' tensors")
 
 
 def test_refuses_2d_tensors(tmp_path: Path) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones((2, 8), np.float32)})
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.1": np.ones((2, 8), np.float32)})
     _refused(path, r"shape \[8, 2\], expected 1-D")
 
 
 @pytest.mark.parametrize("name", ["direction.", "direction.01", "direction.1x", "blk.1.weight"])
 def test_refuses_other_tensor_names(tmp_path: Path, name: str) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {name: np.ones(8, np.float32)})
+    path = write_raw_vector(tmp_path / "v.gguf", {name: np.ones(8, np.float32)})
     _refused(path, "expected names 'direction.N'")
 
 
 def test_refuses_model_files(tmp_path: Path) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)}, arch="llama")
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)}, arch="llama")
     _refused(path, "general.architecture is 'llama', expected 'controlvector'")
 
 
 def test_refuses_missing_model_hint(tmp_path: Path) -> None:
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)}, hint=None)
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)}, hint=None)
     _refused(path, "controlvector.model_hint")
 
 
 def test_refuses_big_endian_files(tmp_path: Path) -> None:
     # gguf's reader would read them; llama.cpp cannot
-    path = _write_gguf(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)},
+    path = write_raw_vector(tmp_path / "v.gguf", {"direction.1": np.ones(8, np.float32)},
                        endianess=gguf.GGUFEndian.BIG)
     _refused(path, "big-endian")
 
