@@ -26,7 +26,7 @@ from . import _native
 from .errors import CaaError, ModelLoadError, ModelMismatchError
 from .models import resolve_gguf
 from .steering import Steering, SteeringTerm
-from .templates import CHATML, ChatTemplate, Message, instruction_end
+from .templates import CHATML, ChatTemplate, Message, instruction_end, shared_prefix
 from .vector import ControlVector
 
 POSITIONS = ("response", "all")
@@ -197,13 +197,7 @@ class Engine:
                 f"prompt of {len(tokens)} tokens + {headroom} to generate does not fit "
                 f"the context of {self.session.n_ctx} tokens (use --ctx to enlarge it)"
             )
-        cached = self.session.tokens
-        shared = 0
-        for a, b in zip(cached, tokens):
-            if a != b:
-                break
-            shared += 1
-        keep = min(shared, steer_from, len(tokens) - 1)
+        keep = min(shared_prefix(self.session.tokens, tokens), steer_from, len(tokens) - 1)
         self.session.truncate(keep)
         try:
             self.session.decode(tokens[keep:steer_from], False)

@@ -26,7 +26,7 @@ from .errors import CaaError
 from .layers import check_vector_layers
 from .scoring import Choice, Setting, choices_from_items, score_ab
 from .steering import check_multipliers
-from .templates import ChatTemplate, instruction_end, user_turn
+from .templates import ChatTemplate, instruction_end, shared_prefix, user_turn
 from .vector import ControlVector
 
 Progress = Callable[[int], None]
@@ -255,8 +255,7 @@ def ab_sweep_torch(
         prompt_ids = ids(prompt)
         for o, letter in enumerate((item.matching_letter, item.not_matching_letter)):
             tokens = ids(prompt + "(" + letter)
-            shared = next((k for k, (a, b) in enumerate(zip(prompt_ids, tokens)) if a != b),
-                          min(len(prompt_ids), len(tokens)))
+            shared = shared_prefix(prompt_ids, tokens)
             steer_from = 0 if positions == "all" else instruction_end(prompt_ids, tokens)
             base = None
             for i, layer in enumerate(layers):

@@ -178,14 +178,14 @@ def perplexity(
     in one pass, with no steering.
     """
     from . import _native
+    from .templates import shared_prefix
 
     out = [math.nan] * len(answers)
     jobs = []
     for i, (messages, answer) in enumerate(zip(prompts, answers)):
         prompt_tokens, _ = engine.prompt(messages)
         full, steer_from = engine.prompt(messages, answer)
-        shared = next((k for k, (a, b) in enumerate(zip(prompt_tokens, full)) if a != b),
-                      min(len(prompt_tokens), len(full)))
+        shared = shared_prefix(prompt_tokens, full)
         n_scored = len(full) - max(shared, steer_from + 1)
         if n_scored >= 1:
             jobs.append((i, full[:steer_from], full[steer_from:], n_scored))

@@ -20,7 +20,7 @@ from . import _native
 from .engine import Engine
 from .errors import CaaError
 from .steering import Steering
-from .templates import Message, user_turn
+from .templates import Message, shared_prefix, user_turn
 from .vector import ControlVector
 
 KV_BUDGET_BYTES = 512 << 20
@@ -91,17 +91,12 @@ def _prepare(engine: Engine, choice: Choice) -> _Prepared:
     full: list[list[int]] = []
     starts: list[int] = []
     n_scored: list[int] = []
+    prompt_tokens, _ = engine.prompt(choice.messages)
     for letter in (choice.matching, choice.not_matching):
         tokens, steer_from = engine.prompt(choice.messages, "(" + letter)
-        prompt_tokens, _ = engine.prompt(choice.messages)
-        shared = 0
-        for a, b in zip(prompt_tokens, tokens):
-            if a != b:
-                break
-            shared += 1
         full.append(tokens)
         starts.append(steer_from)
-        n_scored.append(len(tokens) - shared)
+        n_scored.append(len(tokens) - shared_prefix(prompt_tokens, tokens))
     start = min(starts)
     if full[0][:start] != full[1][:start]:
         raise CaaError("the two answers' prompts differ before the end of the instruction")

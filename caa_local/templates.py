@@ -82,6 +82,16 @@ def user_turn(question: str, system: str | None = None) -> list[Message]:
     return messages
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two token sequences have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def instruction_end(prompt_tokens: Sequence[int], full_tokens: Sequence[int]) -> int:
     """Position of the token that ends the user's instruction in ``full_tokens``.
 
@@ -92,11 +102,7 @@ def instruction_end(prompt_tokens: Sequence[int], full_tokens: Sequence[int]) ->
     ChatML): steering covers this position and every later one, as in the paper. Where the
     tokenizer merges across the boundary, the last token shared by both tokenizations counts.
     """
-    shared = 0
-    for a, b in zip(prompt_tokens, full_tokens):
-        if a != b:
-            break
-        shared += 1
+    shared = shared_prefix(prompt_tokens, full_tokens)
     if shared == 0:
         raise TemplateError("the prompt and its continuation share no tokens")
     return min(shared, len(prompt_tokens)) - 1
