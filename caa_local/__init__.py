@@ -1,7 +1,7 @@
 """caa-local: Contrastive Activation Addition steering on llama.cpp.
 
 Public API: ``ControlVector`` (vector files), ``Engine`` (a model with live steering).
-Nothing here imports torch; extraction lives in ``caa_local.extract`` (the ``extract`` extra).
+Nothing here imports torch; extraction lives in ``caa_local.torch.extract`` (the ``extract`` extra).
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ __version__ = "0.1.0"
 __all__ = ["ControlVector", "Engine", "Sampling", "__version__"]
 
 if TYPE_CHECKING:
-    from .engine import Engine, Sampling
-    from .vector import ControlVector
+    from caa_local.engine.engine import Engine, Sampling
+    from caa_local.core.vector import ControlVector
 
 
 def __getattr__(name: str) -> object:
     # Lazy, so `import caa_local` stays cheap and the CLI loads only what a command needs.
     if name == "ControlVector":
-        from .vector import ControlVector
+        from caa_local.core.vector import ControlVector
 
         return ControlVector
     if name in ("Engine", "Sampling"):
-        from . import engine
+        from caa_local.engine import engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'caa_local' has no attribute {name!r}")

@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from caa_local.atomic import write_json, write_text
-from caa_local.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, load_open_ended, split
-from caa_local.vector import ControlVector
+from caa_local.core.atomic import write_json, write_text
+from caa_local.core.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, load_open_ended, split
+from caa_local.core.vector import ControlVector
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "vectors-work"
@@ -46,8 +46,8 @@ def log(message: str) -> None:
 
 def extract_all(behaviors: list[str], train_limit: int, batch_size: int) -> None:
 
-    from caa_local.extract import extract
-    from caa_local.hf import chat_template_of, load_hf
+    from caa_local.torch.extract import extract
+    from caa_local.torch.hf import chat_template_of, load_hf
 
     todo = [b for b in behaviors if not (WORK / "raw" / f"{b}.gguf").exists()]
     if not todo:
@@ -65,13 +65,13 @@ def extract_all(behaviors: list[str], train_limit: int, batch_size: int) -> None
 
 
 def normalize_group(behaviors: list[str]) -> dict[str, ControlVector]:
-    from caa_local.normalize import normalize
+    from caa_local.core.normalize import normalize
 
     return normalize({b: ControlVector.load(WORK / "raw" / f"{b}.gguf") for b in behaviors})
 
 
 def layer_sweep(engine: Any, behavior: str, vector: ControlVector, val_limit: int) -> dict[str, Any]:
-    from caa_local.evaluate import ab_sweep
+    from caa_local.eval.ab import ab_sweep
 
     cache = WORK / "sweeps" / f"{behavior}.json"
     if cache.exists():
@@ -92,9 +92,9 @@ def best_layers(sweep: dict[str, Any], k: int) -> list[int]:
 
 def metric_curve(engine: Any, behavior: str, vector: ControlVector, layer: int,
                  n_prompts: int, max_tokens: int) -> list[dict[str, Any]]:
-    from caa_local.open_ended import open_ended
-    from caa_local.metrics import perplexity, summarize
-    from caa_local.templates import user_turn
+    from caa_local.eval.open_ended import open_ended
+    from caa_local.eval.metrics import perplexity, summarize
+    from caa_local.core.templates import user_turn
 
     cache = WORK / "curves" / f"{behavior}-L{layer}.json"
     if cache.exists():
@@ -158,7 +158,7 @@ def main() -> None:
     wanted = set(args.only) if args.only else None
     extract_all([b for g in groups for b in g if not wanted or b in wanted], args.train_limit, args.batch_size)
 
-    from caa_local.engine import Engine
+    from caa_local.engine.engine import Engine
 
     engine = Engine(n_ctx=2048, n_threads=args.threads)
     results_path = OUT / "results.json"

@@ -19,7 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def hf_model() -> tuple[Any, Any, Any]:
     """(model, tokenizer, template) of the default GGUF model, via the conversion cache."""
-    from caa_local.hf import chat_template_of, load_hf
+    from caa_local.torch.hf import chat_template_of, load_hf
 
     model, tokenizer, _info = load_hf(None)
     return model, tokenizer, chat_template_of(tokenizer)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from caa_local.atomic import (
+from caa_local.core.atomic import (
     OutputExistsError,
     atomic_path,
     check_writable,
@@ -15,7 +15,7 @@ from caa_local.atomic import (
     write_jsonl,
     write_text,
 )
-from caa_local.errors import CaaError
+from caa_local.core.errors import CaaError
 
 
 def _listing(folder: Path) -> list[str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from caa_local.bench import REQUIRED, build_rows, check_rows, format_table, render_markdown
-from caa_local.errors import CaaError
+from caa_local.bench.runner import REQUIRED, build_rows, check_rows, format_table, render_markdown
+from caa_local.core.errors import CaaError
 from conftest import run_cli
 
 RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python", "decode_native_vs_transformers",

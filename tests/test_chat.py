@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local.chat import CHAT_SAMPLING, ChatSession
-from caa_local.engine import Engine
-from caa_local.vector import ControlVector
+from caa_local.chat.repl import CHAT_SAMPLING, ChatSession
+from caa_local.engine.engine import Engine
+from caa_local.core.vector import ControlVector
 
 THREADS = 1  # 2 threads crawl when other jobs share the cores (49 vs 7 tok/s measured)
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +212,7 @@ def test_generate_and_piped_chat_without_torch(vector_file: Path, tmp_path: Path
 
 def test_chat_in_a_terminal(vector_file: Path, tmp_path: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
-    from caa_local.chat_bench import PROMPT_RE, chat_command
+    from caa_local.bench.chat import PROMPT_RE, chat_command
 
     command = chat_command()
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "CAA_LOCAL_CACHE": str(tmp_path / "cache")}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from caa_local.cli import main
-from caa_local.errors import CaaError, VectorFileError
-from caa_local.models import default_model_path
-from caa_local.vector import ControlVector
+from caa_local.core.errors import CaaError, VectorFileError
+from caa_local.core.locate import default_model_path
+from caa_local.core.vector import ControlVector
 from conftest import write_raw_vector
 
 

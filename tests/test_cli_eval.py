@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local.plots import PNG_MAGIC
-from caa_local.vector import ControlVector
+from caa_local.eval.plots import PNG_MAGIC
+from caa_local.core.vector import ControlVector
 from conftest import run_cli
 
 THREADS = ["--threads", os.environ.get("CAA_TEST_THREADS", "1")]  # see test_evaluate.py

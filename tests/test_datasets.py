@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from caa_local import datasets
-from caa_local.datasets import ABItem, DatasetError
+from caa_local.core import datasets
+from caa_local.core.datasets import ABItem, DatasetError
 
 PAPER_COUNTS = {
     "coordinate-other-ais": (360, 50),

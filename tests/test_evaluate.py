@@ -10,16 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local import analyze, plots
-from caa_local.datasets import ABItem, load_ab, split
-from caa_local.engine import Engine
-from caa_local.errors import CaaError
-from caa_local.evaluate import SweepResult, ab_sweep, capability_eval
-from caa_local.open_ended import open_ended
-from caa_local.rubrics import RUBRICS, export_rows, judge, judge_summary, parse_score
-from caa_local.scoring import Setting, choices_from_items, score_ab, score_ab_naive
-from caa_local.specs import parse_multipliers
-from caa_local.vector import ControlVector
+from caa_local.eval import analyze
+from caa_local.eval import plots
+from caa_local.core.datasets import ABItem, load_ab, split
+from caa_local.engine.engine import Engine
+from caa_local.core.errors import CaaError
+from caa_local.eval.ab import SweepResult, ab_sweep, capability_eval
+from caa_local.eval.open_ended import open_ended
+from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary, parse_score
+from caa_local.engine.scoring import Setting, choices_from_items, score_ab, score_ab_naive
+from caa_local.core.parsing import parse_multipliers
+from caa_local.core.vector import ControlVector
 
 # One thread: on a CPU shared with other jobs, 2 threads on 2 cores made this file 3-4x slower
 # (ggml's threads spin on barriers, so one descheduled thread stalls every graph node).
@@ -138,7 +139,7 @@ def test_open_ended_and_judge(engine: Engine) -> None:
 
 
 def test_rubrics_cover_every_behavior() -> None:
-    from caa_local.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS
+    from caa_local.core.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS
 
     assert set(RUBRICS) == {*PAPER_BEHAVIORS, *DEMO_BEHAVIORS}
 
@@ -182,7 +183,7 @@ def test_plots_write_pngs(sweep: SweepResult, tmp_path: Path) -> None:
 
 @pytest.mark.torch
 def test_torch_reference_agrees(engine: Engine, items: list[ABItem], hf_model: tuple) -> None:
-    from caa_local.evaluate import ab_sweep_torch
+    from caa_local.eval.ab import ab_sweep_torch
 
     model, tokenizer, template = hf_model
     vector = random_vector(engine.n_embd, [10], norm=30.0)

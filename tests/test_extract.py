@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from caa_local.datasets import ABItem
-from caa_local.errors import CaaError, LayerRangeError, ModelLoadError, ModelMismatchError
-from caa_local.extract import (
+from caa_local.core.datasets import ABItem
+from caa_local.core.errors import CaaError, LayerRangeError, ModelLoadError, ModelMismatchError
+from caa_local.torch.extract import (
     MeanDifference,
     _encode,
     answer_prefix,
@@ -24,12 +24,12 @@ from caa_local.extract import (
     extract,
     extract_loop,
 )
-from caa_local.hf import cached_sha256, decoder_layers, load_hf
-from caa_local.layers import hidden_state_index
-from caa_local.models import file_sha256
-from caa_local.templates import user_turn
-from caa_local.torch_steer import block_outputs, steer
-from caa_local.vector import ControlVector
+from caa_local.torch.hf import cached_sha256, decoder_layers, load_hf
+from caa_local.core.layers import hidden_state_index
+from caa_local.core.locate import file_sha256
+from caa_local.core.templates import user_turn
+from caa_local.torch.steer import block_outputs, steer
+from caa_local.core.vector import ControlVector
 
 ITEMS = [
     ABItem("Is the sky blue?\n (A) Yes\n (B) No", "(A)", "(B)"),

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local.models import default_model_path
-from caa_local.vector import ControlVector
+from caa_local.core.locate import default_model_path
+from caa_local.core.vector import ControlVector
 
 THREADS = os.environ.get("CAA_TEST_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]

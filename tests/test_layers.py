@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from caa_local.errors import LayerRangeError
-from caa_local.layers import (
+from caa_local.core.errors import LayerRangeError
+from caa_local.core.layers import (
     check_steerable,
     cvec_buffer,
     format_layers,

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from caa_local import metrics
-from caa_local.engine import Engine
-from caa_local.templates import user_turn
+from caa_local.eval import metrics
+from caa_local.engine.engine import Engine
+from caa_local.core.templates import user_turn
 
 FORMAL = (
     "The committee has completed its review of the proposal. However, further consideration of "

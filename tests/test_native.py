@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from caa_local import ControlVector, Engine, Sampling
-from caa_local.engine import ContextFullError
-from caa_local.scoring import Choice, Setting, score_ab, score_ab_naive
-from caa_local.templates import user_turn
+from caa_local.engine.engine import ContextFullError
+from caa_local.engine.scoring import Choice, Setting, score_ab, score_ab_naive
+from caa_local.core.templates import user_turn
 
 MESSAGES = user_turn("Name three colours of the rainbow.")
 
@@ -122,7 +122,7 @@ def test_bad_buffers_are_refused(engine: Engine) -> None:
 
 
 def test_vector_from_another_model_is_refused(engine: Engine) -> None:
-    from caa_local.errors import ModelMismatchError
+    from caa_local.core.errors import ModelMismatchError
 
     wrong = ControlVector("llama", {5: np.ones(4096, np.float32)})
     with pytest.raises(ModelMismatchError, match="4096 values, model n_embd is 576"):

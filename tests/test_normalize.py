@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caa_local.errors import ModelMismatchError
-from caa_local.normalize import normalize
-from caa_local.vector import ControlVector
+from caa_local.core.errors import ModelMismatchError
+from caa_local.core.normalize import normalize
+from caa_local.core.vector import ControlVector
 
 
 def _vector(seed: int, layers: list[int], n_embd: int = 16, hint: str = "llama") -> ControlVector:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from caa_local import ControlVector, Engine
-from caa_local.layers import hidden_state_index
-from caa_local.templates import user_turn
+from caa_local.core.layers import hidden_state_index
+from caa_local.core.templates import user_turn
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
@@ -66,7 +66,7 @@ def test_layer_convention_native_block_n_is_hidden_states_n_plus_1(
 def test_a_vector_steers_llama_cpp_like_a_torch_hook_at_the_same_block(
     engine: Engine, hf_model: tuple[Any, Any, Any], layer: int
 ) -> None:
-    from caa_local.torch_steer import steer
+    from caa_local.torch.steer import steer
 
     model, _, _ = hf_model
     tokens, steer_from = prompt_ids(engine, hf_model)
@@ -99,9 +99,9 @@ def test_a_vector_steers_llama_cpp_like_a_torch_hook_at_the_same_block(
 def test_extracted_vector_moves_both_backends_the_same_way(
     engine: Engine, hf_model: tuple[Any, Any, Any]
 ) -> None:
-    from caa_local.datasets import load_ab, split
-    from caa_local.extract import extract
-    from caa_local.torch_steer import steer
+    from caa_local.core.datasets import load_ab, split
+    from caa_local.torch.extract import extract
+    from caa_local.torch.steer import steer
 
     model, tokenizer, template = hf_model
     items = split(load_ab("sentiment").items, "train")[:8]

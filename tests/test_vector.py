@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 
-from caa_local.errors import CaaError, ModelMismatchError, VectorFileError
-from caa_local.vector import ControlVector
+from caa_local.core.errors import CaaError, ModelMismatchError, VectorFileError
+from caa_local.core.vector import ControlVector
 from conftest import write_raw_vector
 
 N_EMBD = 16

@@ -31,8 +31,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from caa_local.errors import VectorFileError
-from caa_local.vector import ControlVector
+from caa_local.core.errors import VectorFileError
+from caa_local.core.vector import ControlVector
 
 # -- raw GGUF building ------------------------------------------------------------------------
 

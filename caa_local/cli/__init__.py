@@ -1,0 +1,169 @@
+"""The `caa-local` command: a thin Click layer over the library.
+
+Commands live in their own modules and are imported only when run, so `caa-local chat`
+starts without loading torch, matplotlib or the evaluation code. Library errors
+(``CaaError``) become one ``Error: ...`` line and exit code 1; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from caa_local import __version__
+from caa_local.core.errors import CaaError
+
+# name -> ("module:attribute" of a click.Command, one-line help shown by --help)
+COMMANDS = {
+    "chat": ("caa_local.cli.chat:chat", "Chat with live steering (the main job)."),
+    "generate": ("caa_local.cli.chat:generate", "Answer one prompt, steered."),
+    "extract": ("caa_local.cli.extract:extract", "Extract a CAA vector from A/B data (needs torch)."),
+    "normalize": ("caa_local.cli.extract:normalize", "Normalize vectors across behaviors per layer."),
+    "vector": ("caa_local.cli.vector:vector", "Inspect, list and combine vector files."),
+    "eval": ("caa_local.cli.eval:eval_group", "A/B, open-ended, MMLU and TruthfulQA under steering."),
+    "analyze": ("caa_local.cli.analyze:analyze", "PCA, cosine and steerability analyses."),
+    "bench": ("caa_local.cli.bench:bench", "Benchmarks: every speed claim as ratios from one run."),
+}
+
+
+class CaaClickError(click.ClickException):
+    """A CaaError on its way to the user: one ``Error: ...`` line, exit code 1."""
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use; CaaError becomes one Error line.
+
+    The conversion happens here rather than only in :func:`main`, so ``CliRunner().invoke(cli, ...)``
+    behaves like the console script. With ``--debug`` the CaaError propagates (a traceback).
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module_name, attr = self.lazy[name][0].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CaaError as exc:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise CaaClickError(str(exc)) from exc
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # From the table, so --help imports no command module.
+        rows = [(name, self.lazy[name][1]) for name in sorted(self.lazy)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="caa-local")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Contrastive Activation Addition: extract steering vectors, steer GGUF models live."""
+    ctx.obj = {"debug": debug}
+
+
+# -- shared options ---------------------------------------------------------------------------
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--model/--ctx/--threads/--gpu-layers, shared by every command that runs the engine."""
+    options = [
+        click.option("model_path", "--model", "-m", type=click.Path(dir_okay=False, path_type=Path),
+                     default=None, help="GGUF model file (default: SmolLM2-135M-Instruct Q4_1)."),
+        click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+                     help="Context size in tokens."),
+        click.option("n_threads", "--threads", "-t", type=int, default=0,
+                     help="CPU threads (0, the default: all cores)."),
+        click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
+                     help="Layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def warn(message: str) -> None:
+    """A warning or note for the user: stderr, so piped answers stay clean."""
+    click.echo(message, err=True)
+
+
+def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
+                positions: str = "response"):  # noqa: ANN201 - Engine, imported lazily
+    """The engine for --model/--ctx/--threads/--gpu-layers; warns when --ctx passes the training context."""
+    if n_threads < 0:
+        raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
+    from caa_local.engine.engine import Engine
+
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                    positions=positions)
+    trained = engine.session.meta(f"{engine.architecture}.context_length")
+    if trained.isdigit() and n_ctx > int(trained):
+        warn(f"Warning: --ctx {n_ctx} is beyond the {int(trained)} tokens {engine.model_path.name} "
+             "was trained on; expect worse answers past that point")
+    return engine
+
+
+def clamp_max_tokens(max_tokens: int, engine: Any) -> int:
+    """--max-tokens, at most the context size (with a warning): an answer cannot outgrow it."""
+    n_ctx = int(engine.session.n_ctx)
+    if max_tokens <= n_ctx:
+        return max_tokens
+    warn(f"Warning: --max-tokens {max_tokens} is larger than the context of {n_ctx} tokens; "
+         f"using {n_ctx} (answers stop when the context fills; --ctx enlarges it)")
+    return n_ctx
+
+
+def warn_multipliers(multipliers: Any) -> None:
+    """The absurd-multiplier warning (steering.multiplier_warning) for each value that earns it."""
+    from caa_local.core.steering import multiplier_warning
+
+    for scale in dict.fromkeys(multipliers):
+        if warning := multiplier_warning(scale):
+            warn(warning)
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="caa-local", standalone_mode=False)
+    except click.exceptions.Abort as exc:
+        # Click turns Ctrl-C into Abort; say so as the KeyboardInterrupt branch below does.
+        click.echo("Interrupted." if isinstance(exc.__cause__, KeyboardInterrupt) else "Aborted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except CaaError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

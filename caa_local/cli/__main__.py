@@ -1,0 +1,3 @@
+from caa_local.cli import main
+
+main()

@@ -1,0 +1,125 @@
+"""Composed steering: several vectors, each with its own scale and layers, summed into one buffer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from caa_local.core.errors import CaaError
+from caa_local.core.layers import cvec_buffer, format_layers
+from caa_local.core.vector import ControlVector
+
+ABSURD_MULTIPLIER = 50.0
+
+
+@dataclass(frozen=True)
+class SteeringTerm:
+    """One vector at one scale on some of its layers."""
+
+    name: str
+    vector: ControlVector
+    scale: float
+    layers: tuple[int, ...]
+
+    def describe(self) -> str:
+        return f"{self.name} x{self.scale:+g} @ {format_layers(self.layers)}"
+
+
+def default_layers(vector: ControlVector) -> tuple[int, ...]:
+    """The vector's recommended layer when it records one, else every layer it holds.
+
+    Every layer is what llama.cpp's ``--control-vector`` does with a file (and what repeng
+    files expect); CAA vectors from caa-local record the layer chosen on validation data.
+    """
+    recommended = vector.recommended_layer()
+    if recommended is not None and recommended in vector.directions:
+        return (recommended,)
+    return tuple(vector.layers)
+
+
+def check_multiplier(scale: float) -> float:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise CaaError(f"multiplier must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def check_multipliers(multipliers: Sequence[float]) -> list[float]:
+    """A sweep's multipliers: finite, distinct, sorted."""
+    if not multipliers:
+        raise CaaError("no multipliers given")
+    out = [check_multiplier(m) for m in multipliers]
+    if len(set(out)) != len(out):
+        raise CaaError(f"multipliers repeat a value: {', '.join(f'{m:g}' for m in out)}")
+    return sorted(out)
+
+
+def multiplier_warning(scale: float) -> str | None:
+    """The one warning for an absurd multiplier (|x| > ABSURD_MULTIPLIER), or None."""
+    if abs(scale) <= ABSURD_MULTIPLIER:
+        return None
+    return (f"Warning: multiplier {scale:+g} is far outside the usual range "
+            f"(|x| > {ABSURD_MULTIPLIER:g}); expect gibberish")
+
+
+class Steering:
+    """An ordered set of named terms; ``buffer`` lays them out for llama.cpp."""
+
+    def __init__(self) -> None:
+        self._terms: dict[str, SteeringTerm] = {}
+
+    def set(self, name: str, vector: ControlVector, scale: float, layers: tuple[int, ...] | None = None) -> SteeringTerm:
+        chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
+        missing = [layer for layer in chosen if layer not in vector.directions]
+        if missing:
+            raise CaaError(
+                f"vector {name!r} has no direction for layer {missing[0]} "
+                f"(it holds {format_layers(vector.layers)})"
+            )
+        term = SteeringTerm(name, vector, check_multiplier(scale), chosen)
+        self._terms[name] = term
+        return term
+
+    def remove(self, name: str) -> None:
+        if name not in self._terms:
+            raise CaaError(f"no active vector named {name!r} (active: {', '.join(self._terms) or 'none'})")
+        del self._terms[name]
+
+    def clear(self) -> None:
+        self._terms.clear()
+
+    @property
+    def terms(self) -> list[SteeringTerm]:
+        return list(self._terms.values())
+
+    def get(self, name: str) -> SteeringTerm | None:
+        return self._terms.get(name)
+
+    def __bool__(self) -> bool:
+        return any(t.scale != 0.0 for t in self._terms.values())
+
+    def describe(self) -> str:
+        return "; ".join(t.describe() for t in self._terms.values()) or "off"
+
+    def to_dict(self) -> list[dict[str, object]]:
+        return [
+            {"name": t.name, "scale": t.scale, "layers": list(t.layers),
+             "behavior": t.vector.metadata.get("behavior", "")}
+            for t in self._terms.values()
+        ]
+
+    def buffer(self, n_embd: int, n_layer: int) -> tuple[npt.NDArray[np.float32], int, int] | None:
+        """(buf, il_start, il_end) for llama_set_adapter_cvec, or None when nothing steers."""
+        if not self:
+            return None
+        summed: dict[int, npt.NDArray[np.float32]] = {}
+        for term in self._terms.values():
+            term.vector.check_fits(n_embd, n_layer, where=term.name)
+            for layer in term.layers:
+                add = term.vector.directions[layer] * np.float32(term.scale)
+                summed[layer] = summed[layer] + add if layer in summed else add
+        buf = cvec_buffer(summed, n_embd, n_layer)
+        return buf, min(summed), max(summed)

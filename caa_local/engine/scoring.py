@@ -1,0 +1,190 @@
+"""A/B scoring as the paper defines it, fast: each prompt's unsteered prefix is decoded once.
+
+p(match) = p(matching answer) / (p(matching) + p(not matching)), where an answer's
+probability is that of its whole continuation up to and including the letter (``(A``), so
+tokenizers that merge ``(A`` into one token stay correct (design notes §1). With the
+paper's position mask everything before the end of the instruction is unsteered: the
+native Scorer keeps that prefix's KV and decodes only the steered tail per setting, all
+questions of a chunk in one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from caa_local.engine import _native
+from caa_local.engine.engine import Engine
+from caa_local.core.errors import CaaError
+from caa_local.core.steering import Steering
+from caa_local.core.templates import Message, shared_prefix, user_turn
+from caa_local.core.vector import ControlVector
+
+KV_BUDGET_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One question with the two answers to compare, e.g. letters 'A' (matching) and 'B'."""
+
+    messages: tuple[Message, ...]
+    matching: str
+    not_matching: str
+
+
+def choices_from_items(items: Sequence[object], system: str | None = None) -> list[Choice]:
+    """ABItem-like (question, matching_letter, not_matching_letter) -> Choice."""
+    return [
+        Choice(tuple(user_turn(item.question, system)), item.matching_letter, item.not_matching_letter)  # type: ignore[attr-defined]
+        for item in items
+    ]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What to steer with: no vector (baseline), or vector x multiplier at some layers."""
+
+    vector: ControlVector | None = None
+    multiplier: float = 0.0
+    layers: tuple[int, ...] = ()
+
+    def steering(self) -> Steering:
+        steering = Steering()
+        if self.vector is not None and self.multiplier != 0.0:
+            steering.set("setting", self.vector, self.multiplier, self.layers or None)
+        return steering
+
+
+@dataclass(frozen=True)
+class ABScores:
+    """Per-question log-probabilities of the matching and not-matching continuations."""
+
+    logp_matching: npt.NDArray[np.float64]
+    logp_not_matching: npt.NDArray[np.float64]
+
+    @property
+    def p_match(self) -> npt.NDArray[np.float64]:
+        """Per question: p(matching) / (p(matching) + p(not matching))."""
+        return 1.0 / (1.0 + np.exp(self.logp_not_matching - self.logp_matching))
+
+    @property
+    def option_mass(self) -> npt.NDArray[np.float64]:
+        """Per question: probability the model puts on the two answers together."""
+        return np.exp(self.logp_matching) + np.exp(self.logp_not_matching)
+
+    @property
+    def logit_diff(self) -> npt.NDArray[np.float64]:
+        return self.logp_matching - self.logp_not_matching
+
+
+@dataclass
+class _Prepared:
+    prefix: list[int]
+    continuations: list[list[int]]  # matching, not matching
+    n_scored: list[int]
+
+
+def _prepare(engine: Engine, choice: Choice) -> _Prepared:
+    full: list[list[int]] = []
+    starts: list[int] = []
+    n_scored: list[int] = []
+    prompt_tokens, _ = engine.prompt(choice.messages)
+    for letter in (choice.matching, choice.not_matching):
+        tokens, steer_from = engine.prompt(choice.messages, "(" + letter)
+        full.append(tokens)
+        starts.append(steer_from)
+        n_scored.append(len(tokens) - shared_prefix(prompt_tokens, tokens))
+    start = min(starts)
+    if full[0][:start] != full[1][:start]:
+        raise CaaError("the two answers' prompts differ before the end of the instruction")
+    if min(n_scored) < 1:
+        raise CaaError("an answer continuation tokenized to nothing")
+    return _Prepared(full[0][:start], [t[start:] for t in full], n_scored)
+
+
+def _chunks(prepared: list[_Prepared], budget_tokens: int, max_questions: int) -> list[list[int]]:
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, p in enumerate(prepared):
+        need = len(p.prefix) + sum(len(c) for c in p.continuations)
+        if current and (used + need > budget_tokens or len(current) >= max_questions):
+            chunks.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += need
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def score_ab(
+    engine: Engine,
+    choices: Sequence[Choice],
+    settings: Sequence[Setting],
+    progress: Callable[[int], None] | None = None,
+    kv_budget_bytes: int = KV_BUDGET_BYTES,
+) -> list[ABScores]:
+    """Scores of every choice under every setting (one ABScores per setting).
+
+    ``engine.positions == "all"`` steers the whole prompt too, so nothing is reused: each
+    setting then decodes every prompt in full, as the paper's reference code does.
+    """
+    if not choices:
+        raise CaaError("no questions to score")
+    prepared = [_prepare(engine, c) for c in choices]
+    if engine.positions == "all":
+        prepared = [
+            _Prepared([], [p.prefix + c for c in p.continuations], p.n_scored) for p in prepared
+        ]
+    packed = []
+    for setting in settings:
+        steering = setting.steering()
+        if setting.vector is not None:
+            engine.check_vector(setting.vector, "vector", force=True)
+        packed.append(steering.buffer(engine.n_embd, engine.n_layer))
+    # Worst case KV per token without GQA: K and V, f16, every layer.
+    bytes_per_token = 4 * engine.n_layer * engine.n_embd
+    budget_tokens = max(kv_budget_bytes // bytes_per_token, 512)
+    logp = np.zeros((len(settings), len(prepared), 2))
+    for chunk in _chunks(prepared, budget_tokens, _native.LLAMA_MAX_SEQ // 2):
+        max_tail = max(len(c) for i in chunk for c in prepared[i].continuations)
+        scorer = _native.Scorer(engine.session, [prepared[i].prefix for i in chunk], 2, max_tail)
+        conts = [prepared[i].continuations for i in chunk]
+        n_scored = [prepared[i].n_scored for i in chunk]
+        for s, buffer in enumerate(packed):
+            if buffer is None:
+                out = scorer.score(engine.session, conts, n_scored)
+            else:
+                out = scorer.score(engine.session, conts, n_scored, *buffer)
+            logp[s, chunk] = out
+        if progress:
+            progress(len(chunk))
+    return [ABScores(logp[s, :, 0], logp[s, :, 1]) for s in range(len(settings))]
+
+
+def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: Setting) -> ABScores:
+    """The reference method: decode each full prompt + answer anew (for tests and benchmarks)."""
+    steering = setting.steering()
+    buffer = steering.buffer(engine.n_embd, engine.n_layer)
+    if buffer is None:
+        engine.session.clear_steering()
+    else:
+        engine.session.set_steering(*buffer)
+    try:
+        logp = np.zeros((len(choices), 2))
+        for q, choice in enumerate(choices):
+            p = _prepare(engine, choice)
+            for o, cont in enumerate(p.continuations):
+                tokens = p.prefix + cont
+                steer_from = 0 if engine.positions == "all" else len(p.prefix)
+                for j in range(len(tokens) - p.n_scored[o], len(tokens)):
+                    logits = engine.session.logits_after(tokens[:j], min(steer_from, j)).astype(np.float64)
+                    top = logits.max()
+                    logp[q, o] += logits[tokens[j]] - top - np.log(np.exp(logits - top).sum())
+    finally:
+        engine.apply_steering()
+    return ABScores(logp[:, 0], logp[:, 1])
