@@ -1,7 +1,7 @@
-"""`caa-local analyze cosine|behaviors|pca|steerability`: the paper's analyses of vectors.
+"""`caa-local analyze cosine|behaviors|tokens|pca|steerability`: the paper's analyses of vectors.
 
 Thin commands over caa_local.eval.analyze (numpy) and caa_local.eval.plots (matplotlib, lazily).
-Only `pca` needs torch: it reads per-example activations with transformers.
+Only `pca` and `tokens` need torch: it reads per-example activations with transformers.
 """
 
 from __future__ import annotations
@@ -63,32 +63,124 @@ def analyze_cosine(vector_path: Path, out: Path | None, force: bool) -> None:
 
 @analyze.command(name="behaviors")
 @click.argument("vector_paths", nargs=-1, required=True, type=VECTOR_FILE)
-@click.option("layer", "--layer", type=int, required=True, help="Layer to compare the vectors at.")
-@click.option("out", "--out", type=OUT, default=None, help="Write a behavior x behavior heatmap PNG.")
+@click.option("layer", "--layer", type=int, default=None, help="Layer to compare the vectors at.")
+@click.option("layer_spec", "--layers", default=None, metavar="SPEC",
+              help="Compare at every layer of SPEC (e.g. all): cosine per layer for each pair, "
+                   "as the paper compares base- and chat-model vectors.")
+@click.option("out", "--out", type=OUT, default=None,
+              help="Write a heatmap PNG (one layer) or cosine-vs-layer lines (several).")
+@click.option("json_path", "--json", type=OUT, default=None, help="Write the per-layer cosines as JSON.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
-def analyze_behaviors(vector_paths: tuple[Path, ...], layer: int, out: Path | None, force: bool) -> None:
-    """Cosine similarity between behaviors' vectors at one layer.
+def analyze_behaviors(vector_paths: tuple[Path, ...], layer: int | None, layer_spec: str | None, out: Path | None,
+                      json_path: Path | None, force: bool) -> None:
+    """Cosine similarity between vectors: behaviors at one layer, or pairs across layers.
 
     \b
     Example:
         caa-local analyze behaviors vectors/*.gguf --layer 15 --out behaviors.png
+        caa-local analyze behaviors base/sycophancy.gguf chat/sycophancy.gguf --layers all --out base-chat.png
     """
-    from caa_local.eval.analyze import behavior_cosines, format_matrix
     from caa_local.core.vector import ControlVector
+    from caa_local.eval.analyze import behavior_cosines, format_matrix
 
-    _check(force, out)
+    _check(force, out, json_path)
+    if (layer is None) == (layer_spec is None):
+        raise CaaError("give one of --layer L (behaviors at one layer) or --layers SPEC (pairs across layers)")
     vectors = {}
     for path in vector_paths:
         vector = ControlVector.load(path)
         name = vector.metadata.get("behavior") or path.stem
-        vectors[name if name not in vectors else path.stem] = vector
-    names, matrix = behavior_cosines(vectors, layer)
-    click.echo(f"cosine similarity at layer {layer}")
-    click.echo(format_matrix(names, matrix))
-    if out:
-        from caa_local.eval.plots import heatmap
+        vectors[name if name not in vectors else str(path)] = vector
+    if layer is not None:
+        names, matrix = behavior_cosines(vectors, layer)
+        click.echo(f"cosine similarity at layer {layer}")
+        click.echo(format_matrix(names, matrix))
+        if out:
+            from caa_local.eval.plots import heatmap
 
-        heatmap(matrix, names, out, f"cosine similarity of behaviors at layer {layer}", force=force)
+            heatmap(matrix, names, out, f"cosine similarity of behaviors at layer {layer}", force=force)
+            click.echo(f"wrote {out}")
+        return
+    from itertools import combinations
+
+    from caa_local.core.layers import parse_layer_spec
+    from caa_local.eval.experiments import layer_similarity
+
+    if len(vectors) < 2:
+        raise CaaError(f"comparing vectors needs at least two, got {len(vectors)}")
+    wanted = None if str(layer_spec).strip().lower() == "all" else set(parse_layer_spec(str(layer_spec)))
+    results = []
+    for a, b in combinations(vectors, 2):
+        sim = layer_similarity(vectors[a], vectors[b], (a, b))
+        if wanted is not None:
+            keep = [i for i, l in enumerate(sim.layers) if l in wanted]
+            sim.layers, sim.cosine = [sim.layers[i] for i in keep], [sim.cosine[i] for i in keep]
+        results.append(sim)
+        click.echo(sim.table())
+    if json_path:
+        from caa_local.core.atomic import write_json
+
+        write_json(json_path, {"pairs": [r.to_json() for r in results]}, force)
+    if out:
+        from caa_local.eval.plots import lines_vs_layer
+
+        lines_vs_layer({f"{r.names[0]} vs {r.names[1]}": (r.layers, r.cosine) for r in results}, out,
+                       "cosine similarity", "vector similarity per layer", (-1, 1), force)
+        click.echo(f"wrote {out}")
+
+
+@analyze.command(name="tokens")
+@click.argument("prompt")
+@click.option("vector_name", "--vector", "-v", required=True, metavar="NAME|FILE", help="The vector.")
+@click.option("layer", "--layer", type=int, default=None, help="Layer (default: the vector's recommended one).")
+@click.option("answer", "--answer", default="", help="Text written into the assistant turn after the prompt.")
+@click.option("model_path", "--model", "-m", default=None,
+              help="GGUF file, Hugging Face directory or hub id (default: the default model).")
+@click.option("chat_template", "--chat-template", default=None, metavar="NAME|FILE",
+              help="Chat template instead of the model's (chatml, llama2 or a Jinja file).")
+@click.option("fmt", "--format", type=click.Choice(["chat", "base"]), default="chat", show_default=True,
+              help="chat template, or the paper's base-model format.")
+@click.option("out", "--out", type=OUT, default=None, help="Write the per-token bar plot (PNG).")
+@click.option("json_path", "--json", type=OUT, default=None, help="Write tokens and cosines as JSON.")
+@click.option("device", "--device", default="cpu", show_default=True, help="torch device (cpu, cuda, auto).")
+@click.option("force", "--force", is_flag=True, help="Overwrite the output files.")
+def analyze_tokens(prompt: str, vector_name: str, layer: int | None, answer: str, model_path: str | None,
+                   chat_template: str | None, fmt: str, out: Path | None, json_path: Path | None, device: str,
+                   force: bool) -> None:
+    """Cosine of the vector with each token's activation at its layer (the paper's per-token figure).
+
+    \b
+    Example:
+        caa-local analyze tokens "Is it ever right to lie?" --vector sycophancy --answer "(A" --out tokens.png
+    """
+    from caa_local.core.locate import resolve_vector
+    from caa_local.core.vector import ControlVector
+    from caa_local.eval.experiments import token_similarity
+    from caa_local.eval.formats import hf_template
+
+    _check(force, out, json_path)
+    vector_path = resolve_vector(vector_name)
+    vector = ControlVector.load(vector_path)
+    chosen = layer if layer is not None else vector.recommended_layer()
+    if chosen is None:
+        raise CaaError(f"{vector_path}: the vector records no recommended layer; pass --layer")
+    from caa_local.torch.hf import load_hf
+
+    model, tokenizer, info = load_hf(model_path, device=device)
+    template = hf_template(tokenizer, chat_template, fmt, info.name)
+    result = token_similarity(model, tokenizer, template, vector, chosen, prompt, answer)
+    click.echo(f"{vector_path.name} @ layer {chosen}, {info.name}: cosine per token "
+               f"(steered from token {result.steer_from})")
+    click.echo(result.table())
+    if json_path:
+        from caa_local.core.atomic import write_json
+
+        write_json(json_path, result.to_json(), force)
+    if out:
+        from caa_local.eval.plots import token_bars
+
+        token_bars(result.tokens, result.cosine, out, f"{vector_path.stem} @ layer {chosen}: cosine per token",
+                   result.steer_from, force)
         click.echo(f"wrote {out}")
 
 
