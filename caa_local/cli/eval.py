@@ -472,24 +472,93 @@ eval_group.add_command(_capability("truthfulqa"))
               show_default=True, help="Directory for README.md, JSON results and PNGs.")
 @click.option("vectors_dir", "--vectors", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=None, help="Directory of .gguf vectors (default: the shipped vectors).")
-@click.option("part", "--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
-              help="Part of each behavior's dataset.")
-@click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use the first N questions.")
+@click.option("paper", "--paper", is_flag=True,
+              help="Run the whole paper: layer choice on val, test-set tables beside the paper's numbers, "
+                   "system prompts, layer transfer, open-ended, MMLU/TruthfulQA per category, similarities.")
+@click.option("extract_from", "--extract-from", default=None, metavar="HF_DIR|HUB_ID|FILE.gguf",
+              help="With --paper: extract the vectors from this model first (torch) instead of --vectors.")
+@click.option("base_vectors", "--base-vectors", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="With --paper: the base model's vectors, compared with and steering the chat model.")
+@click.option("judge_model", "--judge-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --paper: GGUF judge for the open-ended answers (else they are exported for one).")
+@click.option("behaviors", "--behaviors", default=None, metavar="LIST",
+              help="With --paper: comma-separated paper behaviors (default: all seven).")
+@click.option("part", "--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
+              help="Without --paper: questions per behavior (default: the test set where there is one).")
+@click.option("limit", "--limit", type=click.IntRange(min=1), default=None,
+              help="Use the first N questions (with --paper: of every set; N per category for MMLU/TruthfulQA).")
+@click.option("open_ended_limit", "--open-ended-limit", type=click.IntRange(min=1), default=None,
+              help="With --paper: open-ended prompts per behavior (default 10, or --limit).")
+@click.option("train_limit", "--train-limit", type=click.IntRange(min=2), default=None,
+              help="With --extract-from: extraction pairs per behavior (default: the whole train split).")
 @model_options
+@template_options
 @click.option("force", "--force", is_flag=True, help="Overwrite the report.")
-def eval_report(out_dir: Path, vectors_dir: Path | None, part: str, limit: int | None, model_path: Path | None,
-                n_ctx: int, n_threads: int, n_gpu_layers: int, force: bool) -> None:
-    """The paper's A/B evaluation of every vector: layer sweep at -1/0/+1, then -2..2.
+def eval_report(out_dir: Path, vectors_dir: Path | None, paper: bool, extract_from: str | None,
+                base_vectors: Path | None, judge_model: Path | None, behaviors: str | None, part: str | None,
+                limit: int | None, open_ended_limit: int | None, train_limit: int | None,
+                model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
+                fmt: str, force: bool) -> None:
+    """The paper's evaluations of a model's vectors, as a Markdown report with figures.
 
     \b
     Example:
         caa-local eval report --out report --force
+        caa-local eval report --paper --model llama-2-7b-chat.Q4_K_M.gguf \\
+            --extract-from meta-llama/Llama-2-7b-chat-hf --out paper/
+        caa-local eval report --paper --limit 5 --out paper-small/
     """
     from caa_local.core.atomic import check_writable
     from caa_local.core.locate import shipped_vectors_dir
-    from caa_local.eval.report import make_report
 
     check_writable(out_dir / "README.md", force)
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
-    readme = make_report(out_dir, vectors_dir or shipped_vectors_dir(), part, limit, engine, force)
-    click.echo(f"wrote {readme}")
+    if not paper:
+        from caa_local.eval.report import make_report
+
+        if extract_from or base_vectors or judge_model or behaviors:
+            raise CaaError("--extract-from, --base-vectors, --judge-model and --behaviors need --paper")
+        engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
+        readme = make_report(out_dir, vectors_dir or shipped_vectors_dir(), part, limit, engine, force)
+        click.echo(f"wrote {readme}")
+        return
+    from caa_local.eval.paper import PaperConfig, PaperInputs, paper_report
+
+    if extract_from and vectors_dir:
+        raise CaaError("give --vectors DIR or --extract-from MODEL, not both")
+    config = PaperConfig(
+        behaviors=tuple(b.strip() for b in behaviors.split(",") if b.strip()) if behaviors else PaperConfig.behaviors,
+        limit=limit, val_limit=limit, train_limit=train_limit, capability_limit=limit,
+        open_ended_limit=open_ended_limit or limit or 10,
+    )
+    start = time.perf_counter()
+    engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
+    judge_engine = open_engine(judge_model, n_ctx, n_threads, n_gpu_layers) if judge_model else None
+    hf = None
+    if extract_from:
+        from caa_local.eval.formats import hf_template
+        from caa_local.eval.paper import extract_vectors
+        from caa_local.torch.hf import load_hf
+
+        model, tokenizer, info = load_hf(extract_from)
+        template = hf_template(tokenizer, chat_template, fmt, info.name)
+        vectors = extract_vectors(model, tokenizer, template, info, config.behaviors, train_limit, out_dir,
+                                  force, warn)
+        hf, source = (model, tokenizer, template), f"extracted from `{info.name}` (`vectors/`)"
+    else:
+        folder = vectors_dir or shipped_vectors_dir()
+        vectors, source = _vectors_in(folder, config.behaviors), f"from `{folder}`"
+    base = _vectors_in(base_vectors, config.behaviors, required=False) if base_vectors else {}
+    inputs = PaperInputs(engine, vectors, judge_engine, base, hf, source)
+    readme = paper_report(out_dir, inputs, config, force, warn)
+    click.echo(f"wrote {readme} ({time.perf_counter() - start:.0f} s)")
+
+
+def _vectors_in(folder: Path, behaviors: tuple[str, ...], required: bool = True) -> dict[str, Any]:
+    """<behavior>.gguf of every behavior in ``folder`` (all of them when ``required``)."""
+    from caa_local.core.vector import ControlVector
+
+    found = {b: folder / f"{b}.gguf" for b in behaviors if (folder / f"{b}.gguf").is_file()}
+    missing = [b for b in behaviors if b not in found]
+    if required and missing:
+        raise CaaError(f"{folder}: no {missing[0]}.gguf (the paper report needs one vector per behavior)")
+    return {b: ControlVector.load(path) for b, path in found.items()}

@@ -62,14 +62,14 @@ def _multiplier_table(result: SweepResult) -> list[str]:
 def make_report(
     out_dir: str | Path,
     vectors_dir: str | Path,
-    split: str = "val",
+    split: str | None = None,
     limit: int | None = None,
     engine: Engine | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Evaluate every vector in ``vectors_dir``; returns the path of the README written."""
-    from caa_local.core.datasets import load_ab, split as split_items
+    from caa_local.core.datasets import eval_set
     from caa_local.eval.ab import ab_sweep
     from caa_local.eval.plots import p_match_vs_layer, p_match_vs_multiplier
     from caa_local.core.vector import ControlVector
@@ -91,11 +91,11 @@ def make_report(
         vector = ControlVector.load(path)
         behavior = vector.metadata.get("behavior") or path.stem
         try:
-            data = load_ab(behavior)
+            data = eval_set(behavior, split, limit)
         except CaaError as err:
             sections += [f"## {path.stem}", "", f"Skipped: {err}", ""]
             continue
-        items = split_items(data.items, split)[: limit or None]
+        items = data.items
         layers = [layer for layer in vector.layers if layer < engine.n_layer]
         _log(progress, f"{path.name}: layer sweep over {len(layers)} layers, {len(items)} questions")
         sweep = ab_sweep(engine, vector, items, layers, LAYER_SWEEP, force=True)
@@ -106,18 +106,18 @@ def make_report(
         _log(progress, f"{path.name}: multipliers at layer {layer}")
         mults = ab_sweep(engine, vector, items, [layer], MULTIPLIER_SWEEP, force=True)
         for result in (sweep, mults):
-            result.info.update(model=engine.model_path.name, vector=str(path), dataset=data.name, split=split)
+            result.info.update(model=engine.model_path.name, vector=str(path), **data.describe())
         stem = path.stem
         write_json(out_dir / f"{stem}.json", {"layer_sweep": sweep.to_json(), "multiplier_sweep": mults.to_json()},
                    force=True)
         p_match_vs_layer(sweep, out_dir / f"{stem}_layers.png", force=True)
         p_match_vs_multiplier(mults, out_dir / f"{stem}_multipliers.png", force=True)
         p = [mults.mean(layer, m) for m in LAYER_SWEEP]
-        headline.append(f"| {stem} | {data.name} ({split}) | {layer} | " + " | ".join(f"{v:.2f}" for v in p)
+        headline.append(f"| {stem} | {data.name} ({data.split}) | {layer} | " + " | ".join(f"{v:.2f}" for v in p)
                         + f" | {mults.n} |")
         sections += [
             f"## {stem}", "",
-            f"Behavior `{behavior}`, {mults.n} {split} questions; layer {layer} ({chosen_by}).", "",
+            f"Behavior `{behavior}`, {mults.n} {data.split} questions; layer {layer} ({chosen_by}).", "",
             f"![layer sweep]({stem}_layers.png) ![multipliers]({stem}_multipliers.png)", "",
             "### Layer sweep", "", *_layer_table(sweep), "",
             f"### Multipliers at layer {layer}", "", *_multiplier_table(mults), "",
