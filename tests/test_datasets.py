@@ -79,8 +79,9 @@ def test_dataset_path_resolution(tmp_path: Path) -> None:
     assert datasets.dataset_path("x/y.json") == Path("x/y.json")
     with pytest.raises(DatasetError, match="unknown dataset 'sycophantic'.*sycophancy"):
         datasets.dataset_path("sycophantic")
-    with pytest.raises(DatasetError, match="kind 'test'"):
-        datasets.dataset_path("sycophancy", "test")
+    assert datasets.dataset_path("sycophancy", "test").name == "test_dataset_ab.json"
+    with pytest.raises(DatasetError, match="kind 'dev'"):
+        datasets.dataset_path("sycophancy", "dev")
     # A file in a behavior-style directory is named after the directory.
     (tmp_path / "mine").mkdir()
     good = [{"question": "Q?\n (A) x\n (B) y", "answer_matching_behavior": " (B) ",
@@ -219,3 +220,27 @@ def test_malformed_open_ended_and_capability(tmp_path: Path) -> None:
         datasets.load_capability(cap)
     with pytest.raises(DatasetError, match="unknown capability dataset 'mmlu2'"):
         datasets.load_capability("mmlu2")
+
+
+def test_eval_set_follows_the_papers_split(tmp_path: Path) -> None:
+    """Reported numbers on the held-out test set; a FILE whole; val/train only when asked."""
+    test = datasets.eval_set("sycophancy")
+    assert (test.name, test.split, test.n) == ("sycophancy", "test", 50)
+    assert test.path.name == "test_dataset_ab.json"
+    assert test.describe()["n"] == 50 and test.label() == "sycophancy (test, n=50)"
+    generate = datasets.load_ab("sycophancy").items
+    assert not set(test.items) & set(generate)  # held out from extraction and layer choice
+    val = datasets.eval_set("sycophancy", "val", limit=7)
+    assert (val.split, val.n) == ("val", 7) and val.path.name == "generate_dataset.json"
+    assert list(val.items) == datasets.split(generate, "val")[:7]
+    assert datasets.eval_set("sentiment").split == "val"  # demo behaviors have no test set
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([{"question": f"Q{i}? (A) x (B) y", "answer_matching_behavior": "(A)",
+                                 "answer_not_matching_behavior": "(B)"} for i in range(10)]), encoding="utf-8")
+    whole = datasets.eval_set(str(path))
+    assert (whole.name, whole.split, whole.n) == ("mine", "all", 10)
+    assert datasets.eval_set(str(path), "val").n == 2
+    with pytest.raises(DatasetError, match="only the paper's behaviors .* have a test set"):
+        datasets.eval_set(str(path), "test")
+    with pytest.raises(DatasetError, match="split 'dev'"):
+        datasets.eval_set("sycophancy", "dev")
