@@ -105,8 +105,9 @@ def test_llama2_tokens_read_and_scored(llama2_vocab) -> None:  # noqa: ANN001
     assert piece(full[0]) == "<s>" and full.count(full[0]) == 1  # BOS from the template, once
     end = instruction_end(prompt, full)
     scored = full[shared_prefix(prompt, full):]
-    assert [piece(t) for t in full[end - 3 : end + 1]] == ["[", "/", "INST", "]"]
+    assert [piece(t) for t in full[end - 3 : end + 1]] == ["▁[", "/", "INST", "]"]
     assert [piece(t) for t in scored] == ["▁(", "A"]
     assert piece(full[-1]) == "A"  # the token extraction reads
-    glued = tokens(template.render(messages) + "(A")  # the old format: a '(' never seen after [/INST]
-    assert [piece(t) for t in glued[len(prompt):]] == ["(", "A"]
+    # The old glued format even merges the instruction's last token: '](' 'A'.
+    glued = tokens(template.render(messages) + "(A")
+    assert [piece(t) for t in glued[-2:]] == ["](", "A"]
