@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from caa_local.cli import clamp_max_tokens, model_options, open_engine, warn_multipliers
+from caa_local.cli import clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
 from caa_local.core.errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
