@@ -15,7 +15,6 @@ import click
 from caa_local.core.errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
-VECTOR_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group(name="analyze")
@@ -32,21 +31,21 @@ def _check(force: bool, *paths: Path | None) -> None:
 
 
 @analyze.command(name="cosine")
-@click.argument("vector_path", type=VECTOR_FILE)
+@click.argument("vector_name")
 @click.option("out", "--out", type=OUT, default=None, help="Write a layer x layer heatmap PNG.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
-def analyze_cosine(vector_path: Path, out: Path | None, force: bool) -> None:
+def analyze_cosine(vector_name: str, out: Path | None, force: bool) -> None:
     """Cosine similarity of one vector's directions across layers.
 
     \b
     Example:
         caa-local analyze cosine vectors/sycophancy.gguf --out cosine.png
     """
+    from caa_local.core.locate import load_vector
     from caa_local.eval.analyze import layer_cosines
-    from caa_local.core.vector import ControlVector
 
     _check(force, out)
-    vector = ControlVector.load(vector_path)
+    vector_path, vector = load_vector(vector_name)
     layers, matrix = layer_cosines(vector)
     if len(layers) > 1:
         neighbours = [matrix[i, i + 1] for i in range(len(layers) - 1)]
@@ -62,7 +61,7 @@ def analyze_cosine(vector_path: Path, out: Path | None, force: bool) -> None:
 
 
 @analyze.command(name="behaviors")
-@click.argument("vector_paths", nargs=-1, required=True, type=VECTOR_FILE)
+@click.argument("vector_names", nargs=-1, required=True)
 @click.option("layer", "--layer", type=int, default=None, help="Layer to compare the vectors at.")
 @click.option("layer_spec", "--layers", default=None, metavar="SPEC",
               help="Compare at every layer of SPEC (e.g. all): cosine per layer for each pair, "
@@ -71,7 +70,7 @@ def analyze_cosine(vector_path: Path, out: Path | None, force: bool) -> None:
               help="Write a heatmap PNG (one layer) or cosine-vs-layer lines (several).")
 @click.option("json_path", "--json", type=OUT, default=None, help="Write the per-layer cosines as JSON.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
-def analyze_behaviors(vector_paths: tuple[Path, ...], layer: int | None, layer_spec: str | None, out: Path | None,
+def analyze_behaviors(vector_names: tuple[str, ...], layer: int | None, layer_spec: str | None, out: Path | None,
                       json_path: Path | None, force: bool) -> None:
     """Cosine similarity between vectors: behaviors at one layer, or pairs across layers.
 
@@ -80,15 +79,15 @@ def analyze_behaviors(vector_paths: tuple[Path, ...], layer: int | None, layer_s
         caa-local analyze behaviors vectors/*.gguf --layer 15 --out behaviors.png
         caa-local analyze behaviors base/sycophancy.gguf chat/sycophancy.gguf --layers all --out base-chat.png
     """
-    from caa_local.core.vector import ControlVector
+    from caa_local.core.locate import load_vector
     from caa_local.eval.analyze import behavior_cosines, format_matrix
 
     _check(force, out, json_path)
     if (layer is None) == (layer_spec is None):
         raise CaaError("give one of --layer L (behaviors at one layer) or --layers SPEC (pairs across layers)")
     vectors = {}
-    for path in vector_paths:
-        vector = ControlVector.load(path)
+    for name_or_path in vector_names:
+        path, vector = load_vector(name_or_path)
         name = vector.metadata.get("behavior") or path.stem
         vectors[name if name not in vectors else str(path)] = vector
     if layer is not None:
@@ -153,14 +152,12 @@ def analyze_tokens(prompt: str, vector_name: str, layer: int | None, answer: str
     Example:
         caa-local analyze tokens "Is it ever right to lie?" --vector sycophancy --answer "(A" --out tokens.png
     """
-    from caa_local.core.locate import resolve_vector
-    from caa_local.core.vector import ControlVector
+    from caa_local.core.locate import load_vector
     from caa_local.eval.experiments import token_similarity
     from caa_local.eval.formats import hf_template
 
     _check(force, out, json_path)
-    vector_path = resolve_vector(vector_name)
-    vector = ControlVector.load(vector_path)
+    vector_path, vector = load_vector(vector_name)
     chosen = layer if layer is not None else vector.recommended_layer()
     if chosen is None:
         raise CaaError(f"{vector_path}: the vector records no recommended layer; pass --layer")
