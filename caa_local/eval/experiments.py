@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +78,63 @@ class CapabilityResult:
                 "overall": self.overall(), "by_category": self.by_category(), "counts": self.counts(), **self.info}
 
 
+def _capability_items(name: str, limit: int | None) -> list[Any]:
+    """The set's questions; ``limit`` keeps the first N of every category, so each stays represented."""
+    from caa_local.core.datasets import load_capability
+
+    items = load_capability(name)
+    if not limit:
+        return items
+    seen: dict[str, int] = {}
+    kept = []
+    for it in items:
+        if seen.get(it.category, 0) < limit:
+            seen[it.category] = seen.get(it.category, 0) + 1
+            kept.append(it)
+    return kept
+
+
+def capability_tables(
+    engine: Engine,
+    name: str,
+    steering: Mapping[str, tuple[ControlVector, int]],
+    multipliers: Sequence[float],
+    limit: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    force: bool = False,
+) -> dict[str, CapabilityResult]:
+    """Per-category p(correct) for several vectors (name -> (vector, layer)) in one scoring pass.
+
+    Every question's unsteered prompt is decoded once for all vectors and multipliers, and
+    multiplier 0 is one shared baseline: the paper's capability tables for all behaviors cost
+    about what one behavior's does.
+    """
+    from caa_local.core.layers import check_vector_layers
+    from caa_local.core.steering import check_multipliers
+    from caa_local.core.templates import user_turn
+    from caa_local.engine.scoring import Choice, Setting, score_ab
+
+    mults = check_multipliers(multipliers)
+    items = _capability_items(name, limit)
+    settings, index = [Setting()], {}
+    for key, (vector, layer) in steering.items():
+        engine.check_vector(vector, key, force)
+        check_vector_layers([layer], vector.layers, engine.n_layer)
+        for m in mults:
+            if m != 0.0:
+                index[(key, m)] = len(settings)
+                settings.append(Setting(vector, m, (layer,)))
+    choices = [Choice(tuple(user_turn(it.prompt)), it.correct[1], it.incorrect[1]) for it in items]
+    scores = score_ab(engine, choices, settings, progress)
+    categories = sorted({it.category for it in items})
+    question_category = [it.category for it in items]
+    return {
+        key: CapabilityResult(name, layer, mults, categories,
+                              np.stack([scores[index.get((key, m), 0)].p_match for m in mults]), question_category)
+        for key, (vector, layer) in steering.items()
+    }
+
+
 def capability_by_category(
     engine: Engine,
     name: str,
@@ -92,25 +149,7 @@ def capability_by_category(
 
     ``limit`` keeps the first N questions of every category, so each category stays represented.
     """
-    from caa_local.core.datasets import load_capability
-    from caa_local.core.templates import user_turn
-    from caa_local.engine.scoring import Choice
-    from caa_local.eval.ab import sweep_choices
-
-    items = load_capability(name)
-    if limit:
-        seen: dict[str, int] = {}
-        kept = []
-        for it in items:
-            if seen.get(it.category, 0) < limit:
-                seen[it.category] = seen.get(it.category, 0) + 1
-                kept.append(it)
-        items = kept
-    choices = [Choice(tuple(user_turn(it.prompt)), it.correct[1], it.incorrect[1]) for it in items]
-    result = sweep_choices(engine, vector, choices, [layer], multipliers, progress, force)
-    categories = sorted({it.category for it in items})
-    return CapabilityResult(name, layer, list(result.multipliers), categories, result.p_match[0],
-                            [it.category for it in items])
+    return capability_tables(engine, name, {"vector": (vector, layer)}, multipliers, limit, progress, force)["vector"]
 
 
 # -- vector similarity across layers -------------------------------------------------------------

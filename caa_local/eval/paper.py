@@ -121,7 +121,7 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
     """Run every experiment of the paper and write README.md, results.json and the figures."""
     from caa_local.core.datasets import eval_set
     from caa_local.eval.ab import ab_sweep
-    from caa_local.eval.experiments import capability_by_category, layer_similarity, token_similarity, transfer_vector
+    from caa_local.eval.experiments import capability_tables, layer_similarity, token_similarity, transfer_vector
     from caa_local.eval.formats import PROTOCOLS
     from caa_local.eval.judge import export_rows, judge, judge_summary
     from caa_local.eval.open_ended import open_ended
@@ -140,7 +140,10 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
                        "or --extract-from MODEL)")
     started = time.perf_counter()
     results: dict[str, Any] = {"model": engine.model_path.name, "vectors": inputs.source, "behaviors": {}}
-    headline, sys_lines, sections, chosen_layers = [], [], [], {}
+    headline: list[list[Any]] = []
+    sys_lines: list[str] = []
+    sections: list[list[str]] = []
+    chosen_layers: dict[str, int] = {}
     protocol = PROTOCOLS["paper"]
     for behavior in config.behaviors:
         vector = inputs.vectors[behavior]
@@ -172,24 +175,26 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
         else:
             write_jsonl(out / f"{behavior}_open_ended_export.jsonl", export_rows(rows, behavior), force=True)
             scores = {}
-        capability = {}
-        if config.capability_behaviors is None or behavior in config.capability_behaviors:
-            for name in ("mmlu", "truthfulqa"):
-                say(f"{behavior}: {name} per category")
-                capability[name] = capability_by_category(engine, name, vector, layer, LAYER_SWEEP,
-                                                          config.capability_limit, force=True)
         paper = PAPER_P_MATCH[behavior]
         ours = [mults.mean(layer, m) for m in LAYER_SWEEP]
         headline.append([behavior, layer, *(f"{v:.2f}" for v in ours), test.n, *(f"{v:.2f}" for v in paper)])
         sys_lines += [f"**{behavior}** (layer {layer}, n={test.n})", "", table.table(), ""]
-        sections += _behavior_section(behavior, layer, val, test, sweep, mults, transfer, scores, capability, rows)
+        sections.append(_behavior_section(behavior, layer, val, test, sweep, mults, transfer, scores, rows))
         results["behaviors"][behavior] = {
             "layer": layer, "layer_sweep": sweep.to_json(per_question=False),
             "test": mults.to_json(), "system_prompts": table.to_json(),
             "transfer": transfer.to_json(per_question=False), "judge": scores or None,
-            "capability": {k: v.to_json() for k, v in capability.items()},
             "paper_llama2_7b_chat_layer13": dict(zip(("-1", "0", "+1"), paper)),
         }
+    capable = [b for b in config.behaviors if config.capability_behaviors is None or b in config.capability_behaviors]
+    steering = {b: (inputs.vectors[b], chosen_layers[b]) for b in capable}
+    for name in ("mmlu", "truthfulqa") if steering else ():
+        say(f"{name} per category, {len(steering)} vectors in one pass")
+        tables = capability_tables(engine, name, steering, LAYER_SWEEP, config.capability_limit, force=True)
+        for b, result in tables.items():
+            results["behaviors"][b].setdefault("capability", {})[name] = result.to_json()
+            sections[config.behaviors.index(b)] += [f"### {name} per category at layer {result.layer}", "",
+                                                    result.table(), ""]
     extras = _across_behaviors(out, inputs, config, chosen_layers, results, say, heatmap, lines_vs_layer,
                                layer_similarity, token_similarity, token_bars)
     elapsed = time.perf_counter() - started
@@ -205,7 +210,7 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
         "## A/B p(answer matching behavior) at the chosen layer", "",
         *_table(["behavior", "layer", "x-1", "x0", "x+1", "n", "paper x-1", "paper x0", "paper x+1"], headline), "",
         "## System prompts x multipliers (the paper's pos/neg prompts)", "", *sys_lines,
-        *extras, *sections,
+        *extras, *(line for section in sections for line in section),
         "## Files", "", *(f"- `{name}`" for name in files), "",
     ])
     write_text(readme, text.rstrip() + "\n", force)
@@ -219,8 +224,7 @@ def _open_ended_prompts(behavior: str, limit: int | None) -> list[str]:
 
 
 def _behavior_section(behavior: str, layer: int, val: Any, test: Any, sweep: Any, mults: Any, transfer: Any,
-                      scores: Mapping[float, float | None], capability: Mapping[str, Any],
-                      rows: Sequence[Mapping[str, Any]]) -> list[str]:
+                      scores: Mapping[float, float | None], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = [f"## {behavior}", "",
              f"Layer {layer}: largest p(+1) - p(-1) on {val.label()}.", "",
              f"![layer sweep]({behavior}_layers.png) ![multipliers]({behavior}_multipliers.png) "
@@ -240,8 +244,6 @@ def _behavior_section(behavior: str, layer: int, val: Any, test: Any, sweep: Any
     else:
         lines += [f"Open-ended answers ({n_prompts} prompts, greedy, 100 tokens): `{behavior}_open_ended_export.jsonl`, "
                   "with the paper's judge prompt per answer for an external judge (`--judge-model` judges locally).", ""]
-    for name, result in capability.items():
-        lines += [f"### {name} per category at layer {layer}", "", result.table(), ""]
     return lines
 
 
