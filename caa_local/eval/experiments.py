@@ -109,23 +109,26 @@ def capability_tables(
     multiplier 0 is one shared baseline: the paper's capability tables for all behaviors cost
     about what one behavior's does.
     """
+    import dataclasses
+
     from caa_local.core.layers import check_vector_layers
-    from caa_local.core.steering import check_multipliers
+    from caa_local.core.steering import SteeringTerm, check_multipliers
     from caa_local.core.templates import user_turn
-    from caa_local.engine.scoring import Choice, Setting, score_ab
+    from caa_local.engine.scoring import Choice
 
     mults = check_multipliers(multipliers)
     items = _capability_items(name, limit)
-    settings, index = [Setting()], {}
+    settings: list[tuple[SteeringTerm, ...]] = [()]
+    index: dict[tuple[str, float], int] = {}
     for key, (vector, layer) in steering.items():
-        engine.check_vector(vector, key, force)
+        unit = engine.make_term(key, vector, 1.0, any_arch=force)  # the vector's one validation
         check_vector_layers([layer], vector.layers, engine.n_layer)
         for m in mults:
             if m != 0.0:
                 index[(key, m)] = len(settings)
-                settings.append(Setting(vector, m, (layer,)))
+                settings.append((dataclasses.replace(unit, scale=m, layers=(layer,)),))
     choices = [Choice(tuple(user_turn(it.prompt)), it.correct[1], it.incorrect[1]) for it in items]
-    scores = score_ab(engine, choices, settings, progress)
+    scores = engine.score_ab(choices, settings, progress=progress)
     categories = sorted({it.category for it in items})
     question_category = [it.category for it in items]
     return {

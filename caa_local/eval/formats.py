@@ -34,9 +34,8 @@ def default_protocol(behavior: str | None) -> str:
 
 def use_format(engine: Engine, chat_template: str | None = None, fmt: str = "chat") -> ChatTemplate:
     """Set ``engine.template`` from --chat-template/--format (errors if the model has none)."""
-    meta = getattr(engine, "meta", None) or engine.session.meta
     current = engine.template
-    engine.template = resolve_template(meta("tokenizer.chat_template"), chat_template, fmt,
+    engine.template = resolve_template(engine.meta("tokenizer.chat_template"), chat_template, fmt,
                                        current.bos_token, current.eos_token, engine.model_path.name)
     return engine.template
 

@@ -75,11 +75,15 @@ class SystemPromptTable:
 def _sweep_means(engine: Engine, vector: ControlVector | None, items: Sequence[ABItem], layer: int | None,
                  multipliers: Sequence[float], system: str | None,
                  progress: Callable[[int], None] | None) -> list[float]:
-    from caa_local.engine.scoring import Setting, choices_from_items, score_ab
+    import dataclasses
+
+    from caa_local.engine.scoring import choices_from_items
 
     choices = choices_from_items(items, system)
-    settings = [Setting() if m == 0.0 or vector is None else Setting(vector, m, (layer,)) for m in multipliers]
-    scores = score_ab(engine, choices, settings, progress)
+    unit = None if vector is None else engine.make_term("vector", vector, 1.0, any_arch=True)
+    settings = [() if m == 0.0 or unit is None else (dataclasses.replace(unit, scale=m, layers=(layer,)),)
+                for m in multipliers]
+    scores = engine.score_ab(choices, settings, progress=progress)
     return [float(s.p_match.mean()) for s in scores]
 
 
@@ -116,7 +120,7 @@ def system_prompt_table(
 
     if not items:
         raise CaaError("no questions to evaluate")
-    engine.check_vector(vector, "vector", force)
+    engine.make_term("vector", vector, 1.0, any_arch=force)  # shapes always; the architecture unless force
     check_vector_layers([layer], vector.layers, engine.n_layer)
     mults = check_multipliers(multipliers)
     prompts = {"none": "", **paper_system_prompts(behavior)}
