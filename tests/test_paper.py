@@ -121,7 +121,7 @@ def test_paper_report_writes_every_named_file(capsys: pytest.CaptureFixture[str]
     out = tmp_path / "paper"
     behaviors = ["sycophancy", "survival-instinct"]
     code, stdout, err = run_cli(capsys, "eval", "report", "--paper", "--behaviors", ",".join(behaviors),
-                                "--limit", "1", "--out", str(out), *THREADS)
+                                "--limit", "1", "--capability-limit", "0", "--out", str(out), *THREADS)
     assert code == 0, err
     for name in expected_files(behaviors, judged=False, has_base=False, has_torch=False):
         assert (out / name).is_file(), name

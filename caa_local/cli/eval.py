@@ -487,6 +487,8 @@ eval_group.add_command(_capability("truthfulqa"))
               help="Use the first N questions (with --paper: of every set; N per category for MMLU/TruthfulQA).")
 @click.option("open_ended_limit", "--open-ended-limit", type=click.IntRange(min=1), default=None,
               help="With --paper: open-ended prompts per behavior (default 10, or --limit).")
+@click.option("capability_limit", "--capability-limit", type=click.IntRange(min=0), default=None,
+              help="With --paper: MMLU/TruthfulQA questions per category (default: --limit, else all; 0 skips).")
 @click.option("train_limit", "--train-limit", type=click.IntRange(min=2), default=None,
               help="With --extract-from: extraction pairs per behavior (default: the whole train split).")
 @model_options
@@ -494,7 +496,8 @@ eval_group.add_command(_capability("truthfulqa"))
 @click.option("force", "--force", is_flag=True, help="Overwrite the report.")
 def eval_report(out_dir: Path, vectors_dir: Path | None, paper: bool, extract_from: str | None,
                 base_vectors: Path | None, judge_model: Path | None, behaviors: str | None, part: str | None,
-                limit: int | None, open_ended_limit: int | None, train_limit: int | None,
+                limit: int | None, open_ended_limit: int | None, capability_limit: int | None,
+                train_limit: int | None,
                 model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
                 fmt: str, force: bool) -> None:
     """The paper's evaluations of a model's vectors, as a Markdown report with figures.
@@ -525,7 +528,9 @@ def eval_report(out_dir: Path, vectors_dir: Path | None, paper: bool, extract_fr
         raise CaaError("give --vectors DIR or --extract-from MODEL, not both")
     config = PaperConfig(
         behaviors=tuple(b.strip() for b in behaviors.split(",") if b.strip()) if behaviors else PaperConfig.behaviors,
-        limit=limit, val_limit=limit, train_limit=train_limit, capability_limit=limit,
+        limit=limit, val_limit=limit, train_limit=train_limit,
+        capability_limit=limit if capability_limit is None else capability_limit or None,
+        capability_behaviors=() if capability_limit == 0 else None,
         open_ended_limit=open_ended_limit or limit or 10,
     )
     start = time.perf_counter()
