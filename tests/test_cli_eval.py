@@ -108,7 +108,8 @@ def test_open_ended_cli(capsys: pytest.CaptureFixture[str], vectors: dict[str, P
     assert [r["multiplier"] for r in rows] == [0.0, 2.0]
     assert {"prompt", "multiplier", "layer", "answer", "sentiment", "length", "perplexity"} <= set(rows[0])
     exported = [json.loads(line) for line in export.read_text().splitlines()]
-    assert exported[0]["behavior"] == "sentiment" and "0 to 10" in exported[0]["judge_prompt"]
+    assert exported[0]["behavior"] == "sentiment" and exported[0]["rubric"] in exported[0]["judge_prompt"]
+    assert "numerical score" in exported[0]["judge_system"]  # the paper's judge system prompt
     code, _, err = run_cli(capsys, "eval", "open-ended", "--vector", str(vectors["rec"]), "--dataset", "sentiment",
                        "--metric", "nope")
     assert "unknown metric 'nope'" in one_error(code, err)

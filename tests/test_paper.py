@@ -134,3 +134,17 @@ def test_paper_report_writes_every_named_file(capsys: pytest.CaptureFixture[str]
     assert results["behaviors"]["sycophancy"]["layer_sweep"]["split"] == "val"
     exported = [json.loads(line) for line in (out / "sycophancy_open_ended_export.jsonl").read_text().splitlines()]
     assert exported and exported[0]["judge_system"] == load_protocol()["judge"]["system"]
+
+
+def test_open_ended_protocols(capsys: pytest.CaptureFixture[str], vector: Path) -> None:
+    """The paper's protocol (no repetition penalty) by default for its behaviors; demo on request."""
+    args = ["eval", "open-ended", "--vector", str(vector), "--dataset", "sycophancy", "--limit", "1",
+            "--multipliers", "0", "--no-perplexity", *THREADS]
+    code, stdout, err = run_cli(capsys, *args, "--max-tokens", "3")
+    assert code == 0, err
+    assert "3 tokens, repeat penalty 1\n" in stdout
+    code, stdout, err = run_cli(capsys, *args, "--protocol", "demo", "--max-tokens", "3")
+    assert code == 0, err
+    assert "3 tokens, repeat penalty 1.1\n" in stdout
+    code, _, err = run_cli(capsys, *args, "--repeat-penalty", "0")
+    assert code == 2 and "--repeat-penalty" in err  # click's own usage error
