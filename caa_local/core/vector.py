@@ -277,6 +277,18 @@ class ControlVector:
             raise VectorFileError(f"{path}: {err}") from None
 
 
+def no_layer_warning(name: str, vector: ControlVector, scale: float) -> str | None:
+    """The one-line warning for steering a vector that records no recommended layer, or None.
+
+    Such a vector steers every layer it holds (llama.cpp's behaviour), usually far too strong.
+    """
+    layer = vector.recommended_layer()
+    if layer is not None and layer in vector.directions:
+        return None
+    return (f"Warning: {name} records no recommended layer: steering all its {len(vector.layers)} layers "
+            f"({_span(vector.layers)}) at x{scale:g} (choose with `caa-local calibrate`, or pass --layers)")
+
+
 def _span(layers: list[int]) -> str:
     from caa_local.core.layers import format_layers
 
