@@ -91,67 +91,112 @@ def _table(result: Any) -> str:
     return "\n".join(lines)
 
 
+def template_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--format chat|base and --chat-template NAME|FILE, for every command that builds prompts."""
+    func = click.option("chat_template", "--chat-template", default=None, metavar="NAME|FILE",
+                        help="Chat template to use instead of the model's: chatml, llama2 or a Jinja file "
+                             "(needed when the GGUF has none).")(func)
+    return click.option("fmt", "--format", type=click.Choice(["chat", "base"]), default="chat", show_default=True,
+                        help="chat: the model's template; base: the paper's 'Input: ...\\nResponse: (A' "
+                             "for base models.")(func)
+
+
+def _engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
+            fmt: str, positions: str = "response") -> Any:
+    from caa_local.eval.formats import use_format
+
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
+    use_format(engine, chat_template, fmt)
+    return engine
+
+
+def _behavior_of(dataset: str | None, vector: Any, where: Path) -> str:
+    """--dataset, else the behavior the vector records."""
+    if dataset:
+        return dataset
+    behavior = vector.metadata.get("behavior")
+    if not behavior:
+        raise CaaError(f"{where}: the vector records no behavior; pass --dataset BEHAVIOR|FILE.json")
+    return str(behavior)
+
+
 @eval_group.command(name="ab")
 @click.option("vector_name", "--vector", "-v", required=True, metavar="NAME|FILE", help="Vector to evaluate.")
-@click.option("dataset", "--dataset", "-d", required=True, metavar="BEHAVIOR|FILE.json",
-              help="A/B questions: a packaged behavior or a file in the paper's format.")
+@click.option("dataset", "--dataset", "-d", default=None, metavar="BEHAVIOR|FILE.json",
+              help="A/B questions: a packaged behavior (its held-out test set) or a file in the paper's "
+                   "format (evaluated whole). Default: the vector's behavior.")
 @click.option("layer_spec", "--layers", default=None, metavar="SPEC",
               help="Layers to sweep, e.g. 13, 10-15, all (default: the vector's recommended layer).")
+@click.option("from_layer", "--from-layer", type=int, default=None, metavar="L",
+              help="Apply the vector's layer-L direction at every layer of --layers (the paper's transfer figure).")
 @click.option("multipliers", "--multipliers", default=PAPER_MULTIPLIERS, show_default=True, metavar="LIST",
               help="Comma-separated multipliers.")
 @model_options
+@template_options
 @click.option("backend", "--backend", type=click.Choice(["native", "torch"]), default="native",
               show_default=True, help="llama.cpp (fast) or transformers hooks (the reference; small sets).")
-@click.option("system", "--system", default=None, metavar="TEXT", help="System prompt text for every question.")
+@click.option("system", "--system", default=None, metavar="pos|neg|TEXT",
+              help="System prompt for every question: the paper's pos/neg prompt of the behavior, or text.")
 @click.option("positions", "--positions", type=click.Choice(["response", "all"]), default="response",
               show_default=True, help="Steer from the end of the instruction (CAA) or every token.")
-@click.option("part", "--split", type=click.Choice(["val", "train", "all"]), default="val", show_default=True,
-              help="Part of the dataset (the seeded split the extraction used).")
+@click.option("part", "--split", type=click.Choice(["test", "val", "train", "all"]), default=None,
+              help="Questions: test = the paper's held-out set (default for its behaviors); val/train = the "
+                   "seeded split of generate_dataset.json (choose layers on val); all = the whole file "
+                   "(default for a FILE).")
 @click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use the first N questions.")
 @click.option("json_path", "--json", type=OUT, default=None, help="Write results as JSON.")
 @click.option("plot_path", "--plot", type=OUT, default=None, help="Write a PNG of p(match) vs multiplier.")
 @click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
-def eval_ab(vector_name: str, dataset: str, layer_spec: str | None, multipliers: str, model_path: Path | None,
-            n_ctx: int, n_threads: int, n_gpu_layers: int, backend: str, system: str | None, positions: str,
-            part: str, limit: int | None, json_path: Path | None, plot_path: Path | None, force: bool) -> None:
+def eval_ab(vector_name: str, dataset: str | None, layer_spec: str | None, from_layer: int | None, multipliers: str,
+            model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
+            fmt: str, backend: str, system: str | None, positions: str, part: str | None, limit: int | None,
+            json_path: Path | None, plot_path: Path | None, force: bool) -> None:
     """A/B p(answer matching behavior) under steering, per layer and multiplier.
 
     \b
     Example:
-        caa-local eval ab --vector sycophancy --dataset sycophancy --layers all --multipliers -1,0,1
+        caa-local eval ab --vector sycophancy --layers all --multipliers -1,0,1 --split val
+        caa-local eval ab --vector sycophancy --system pos --multipliers -1,0,1
+        caa-local eval ab --vector sycophancy --from-layer 13 --layers all --multipliers -1,1
     """
-    from caa_local.core.datasets import load_ab, split
-    from caa_local.eval.ab import ab_sweep, ab_sweep_torch
+    from caa_local.core.datasets import eval_set
     from caa_local.core.parsing import parse_multipliers
+    from caa_local.eval.ab import ab_sweep, ab_sweep_torch
+    from caa_local.eval.system_prompts import resolve_system
 
     mults = parse_multipliers(multipliers)
     warn_multipliers(mults)
     _outputs(force, json_path, plot_path)
     vector_path, vector = _vector(vector_name)
-    _layers(layer_spec, vector, vector_path, None)
-    data = load_ab(dataset)
-    items = split(data.items, part)[: limit or None]
-    if not items:
-        raise CaaError(f"{data.path}: no questions in the {part!r} part")
+    if from_layer is not None and layer_spec is None:
+        raise CaaError("--from-layer needs --layers (the layers to apply it at, e.g. all)")
+    if from_layer is None:
+        _layers(layer_spec, vector, vector_path, None)
+    data = eval_set(_behavior_of(dataset, vector, vector_path), part, limit)
+    system_text = resolve_system(system, data.name)
     start = time.perf_counter()
-    with progress_bar(len(items), "A/B", "question") as update:
+    with progress_bar(data.n, "A/B", "question") as update:
         if backend == "torch":
-            from caa_local.torch.hf import chat_template_of, load_hf
+            from caa_local.eval.formats import hf_template
+            from caa_local.torch.hf import load_hf
 
             model, tokenizer, info = load_hf(model_path)
-            layers = _layers(layer_spec, vector, vector_path, info.n_layer)
-            result = ab_sweep_torch(model, tokenizer, chat_template_of(tokenizer), vector, items, layers,
-                                    mults, system, positions, update)
+            template = hf_template(tokenizer, chat_template, fmt, info.name)
+            vector, layers = _sweep_vector(vector, layer_spec, from_layer, vector_path, info.n_layer)
+            result = ab_sweep_torch(model, tokenizer, template, vector, data.items, layers,
+                                    mults, system_text, positions, update)
             model_name = info.name
         else:
-            engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
-            layers = _layers(layer_spec, vector, vector_path, engine.n_layer)
-            result = ab_sweep(engine, vector, items, layers, mults, system, update, force)
+            engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt, positions)
+            vector, layers = _sweep_vector(vector, layer_spec, from_layer, vector_path, engine.n_layer)
+            result = ab_sweep(engine, vector, data.items, layers, mults, system_text, update, force)
             model_name = engine.model_path.name
-    result.info.update(model=model_name, vector=str(vector_path), dataset=data.name,
-                       dataset_sha256=data.sha256, split=part, seconds=round(time.perf_counter() - start, 2))
-    click.echo(f"{data.name} ({part}, n={result.n}), {vector_path.name}, {backend}, "
-               f"{result.info['seconds']:.1f} s")
+    result.info.update(model=model_name, vector=str(vector_path), **data.describe(), format=fmt,
+                       system=system or "", from_layer=from_layer, seconds=round(time.perf_counter() - start, 2))
+    transfer = f", layer-{from_layer} direction at every layer" if from_layer is not None else ""
+    click.echo(f"{data.label()}, {vector_path.name}{transfer}, {backend}, {result.info['seconds']:.1f} s")
+    if system:
+        click.echo(f"system prompt ({system if system in ('pos', 'neg') else 'text'}): {system_text}")
     click.echo(_table(result))
     if json_path:
         from caa_local.core.atomic import write_json
@@ -164,6 +209,68 @@ def eval_ab(vector_name: str, dataset: str, layer_spec: str | None, multipliers:
             p_match_vs_layer(result, plot_path, force=force)
         else:
             p_match_vs_multiplier(result, plot_path, force=force)
+
+
+def _sweep_vector(vector: Any, layer_spec: str | None, from_layer: int | None, where: Path,
+                  n_layer: int) -> tuple[Any, list[int]]:
+    """The vector to sweep and its layers: with --from-layer, one direction copied to every layer."""
+    if from_layer is None:
+        return vector, _layers(layer_spec, vector, where, n_layer)
+    from caa_local.core.layers import check_steerable, parse_layer_spec, steerable_range
+    from caa_local.eval.experiments import transfer_vector
+
+    check_steerable(from_layer, n_layer, "--from-layer")
+    spec = str(layer_spec)
+    layers = list(steerable_range(n_layer)) if spec.strip().lower() == "all" else parse_layer_spec(spec, n_layer)
+    return transfer_vector(vector, from_layer, layers), layers
+
+
+@eval_group.command(name="system-prompts")
+@click.option("vector_name", "--vector", "-v", required=True, metavar="NAME|FILE", help="Vector to evaluate.")
+@click.option("dataset", "--dataset", "-d", default=None, metavar="BEHAVIOR",
+              help="A paper behavior (its pos/neg system prompts and test set). Default: the vector's.")
+@click.option("layer", "--layer", type=int, default=None, help="Layer (default: the vector's recommended one).")
+@click.option("multipliers", "--multipliers", default="-1,0,1", show_default=True, metavar="LIST",
+              help="Comma-separated multipliers.")
+@click.option("part", "--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="Questions (default: the paper's test set).")
+@click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use the first N questions.")
+@model_options
+@template_options
+@click.option("json_path", "--json", type=OUT, default=None, help="Write the table as JSON.")
+@click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
+def eval_system_prompts(vector_name: str, dataset: str | None, layer: int | None, multipliers: str,
+                        part: str | None, limit: int | None, model_path: Path | None, n_ctx: int, n_threads: int,
+                        n_gpu_layers: int, chat_template: str | None, fmt: str, json_path: Path | None,
+                        force: bool) -> None:
+    """The paper's table: p(match) with no / the pos / the neg system prompt x multipliers.
+
+    \b
+    Example:
+        caa-local eval system-prompts --vector sycophancy --multipliers -1,0,1
+    """
+    from caa_local.core.datasets import eval_set
+    from caa_local.core.parsing import parse_multipliers
+    from caa_local.eval.system_prompts import system_prompt_table
+
+    mults = parse_multipliers(multipliers)
+    warn_multipliers(mults)
+    _outputs(force, json_path)
+    vector_path, vector = _vector(vector_name)
+    spec = None if layer is None else str(layer)
+    _layers(spec, vector, vector_path, None)
+    data = eval_set(_behavior_of(dataset, vector, vector_path), part, limit)
+    engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
+    chosen = _layers(spec, vector, vector_path, engine.n_layer)[0]
+    with progress_bar(data.n * 3, "A/B", "question") as update:
+        table = system_prompt_table(engine, vector, data.name, data.items, chosen, mults, update, force)
+    table.info.update(model=engine.model_path.name, vector=str(vector_path), **data.describe())
+    click.echo(f"{data.label()}, {vector_path.name} @ layer {chosen}: p(match)")
+    click.echo(table.table())
+    if json_path:
+        from caa_local.core.atomic import write_json
+
+        write_json(json_path, table.to_json(), force)
 
 
 def _prompts(dataset: str | None, prompts_file: Path | None) -> tuple[str, list[str]]:
@@ -197,22 +304,31 @@ def _prompts(dataset: str | None, prompts_file: Path | None) -> tuple[str, list[
 @click.option("behavior", "--behavior", default=None, help="Rubric for the judge (default: the dataset's).")
 @click.option("judge_model", "--judge-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="GGUF model that scores each answer 0-10 with the behavior's rubric.")
-@click.option("max_tokens", "--max-tokens", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Most tokens per answer.")
+@click.option("rubric_set", "--rubric", type=click.Choice(["paper", "caa-local"]), default="paper",
+              show_default=True, help="Judge prompt: the paper's (system prompt + instruction) or our shorter one.")
+@click.option("protocol", "--protocol", type=click.Choice(["paper", "demo"]), default=None,
+              help="paper: greedy, 100 tokens, no repetition penalty (default for the paper's behaviors); "
+                   "demo: 128 tokens, penalty 1.1 (default for the demo behaviors).")
+@click.option("max_tokens", "--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Most tokens per answer (default: the protocol's).")
+@click.option("repeat_penalty", "--repeat-penalty", type=click.FloatRange(min=0.0, min_open=True), default=None,
+              help="Repetition penalty (1 = none; default: the protocol's).")
 @click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use the first N prompts.")
 @click.option("seed", "--seed", type=int, default=0, show_default=True, help="Seed (answers are greedy).")
 @click.option("perplexity", "--perplexity/--no-perplexity", default=True, show_default=True,
               help="Score each answer's perplexity under the unsteered model (fluency guard).")
 @model_options
+@template_options
 @click.option("out_path", "--out", type=OUT, default=None, help="Write one JSON line per answer.")
 @click.option("export_path", "--export", type=OUT, default=None,
               help="Write JSONL for an external judge (answers with rubric and judge prompt).")
 @click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
 def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | None, layer_spec: str | None,
                     multipliers: str, metrics: tuple[str, ...], behavior: str | None, judge_model: Path | None,
-                    max_tokens: int, limit: int | None, seed: int, perplexity: bool, model_path: Path | None,
-                    n_ctx: int, n_threads: int, n_gpu_layers: int, out_path: Path | None,
-                    export_path: Path | None, force: bool) -> None:
+                    rubric_set: str, protocol: str | None, max_tokens: int | None, repeat_penalty: float | None,
+                    limit: int | None, seed: int, perplexity: bool, model_path: Path | None,
+                    n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None, fmt: str,
+                    out_path: Path | None, export_path: Path | None, force: bool) -> None:
     """Greedy answers under steering, scored by judge-free metrics and optionally a judge model.
 
     \b
@@ -221,6 +337,7 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     """
     from caa_local.eval.metrics import METRICS, perplexity as ppl, summarize
     from caa_local.eval.open_ended import open_ended
+    from caa_local.eval.formats import PROTOCOLS, default_protocol
     from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary
     from caa_local.core.parsing import parse_multipliers
     from caa_local.core.templates import user_turn
@@ -239,13 +356,16 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     if (judge_model or export_path) and behavior not in RUBRICS:
         raise CaaError(f"no judge rubric for {behavior!r}: pass --behavior (one of {', '.join(RUBRICS)})")
     names = list(metrics) or [DEMO_METRIC.get(str(behavior), "length")]
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
-    max_tokens = clamp_max_tokens(max_tokens, engine)
+    chosen = PROTOCOLS[protocol or default_protocol(behavior)]
+    repeat_penalty = chosen.repeat_penalty if repeat_penalty is None else repeat_penalty
+    engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
+    max_tokens = clamp_max_tokens(max_tokens or chosen.max_tokens, engine)
     layers = _layers(layer_spec, vector, vector_path, engine.n_layer)
     rows: list[dict[str, Any]] = []
     with progress_bar(len(prompts) * len(mults) * len(layers), "generate", "answer") as update:
         for layer in layers:
-            rows += open_ended(engine, vector, layer, mults, prompts, max_tokens, seed, update, force)
+            rows += open_ended(engine, vector, layer, mults, prompts, max_tokens, seed, update, force,
+                               repeat_penalty)
     for row in rows:
         row.update({m: METRICS[m](row["answer"]) for m in dict.fromkeys([*names, "distinct_2", "repetition"])})
     if perplexity:
@@ -255,10 +375,11 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     if judge_model:
         judge_engine = open_engine(judge_model, n_ctx, n_threads, n_gpu_layers)
         with progress_bar(len(rows), "judge", "answer") as update:
-            rows = judge(judge_engine, rows, str(behavior), update)
+            rows = judge(judge_engine, rows, str(behavior), update, rubric_set)
     for layer in layers:
         part = [r for r in rows if r["layer"] == layer]
-        click.echo(f"layer {layer}: {len(prompts)} prompts from {name}, {vector_path.name}")
+        click.echo(f"layer {layer}: {len(prompts)} prompts from {name}, {vector_path.name}, "
+                   f"{max_tokens} tokens, repeat penalty {repeat_penalty:g}")
         scores = {s["multiplier"]: s for s in judge_summary(part)} if judge_model else {}
         for s in summarize(part, names):
             cells = "  ".join(f"{m} {s[m]:.3f}" for m in names)
@@ -276,7 +397,7 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     if out_path:
         write_jsonl(out_path, rows, force)
     if export_path:
-        write_jsonl(export_path, export_rows(rows, str(behavior)), force)
+        write_jsonl(export_path, export_rows(rows, str(behavior), rubric_set), force)
 
 
 def _capability(name: str) -> click.Command:
@@ -289,13 +410,16 @@ def _capability(name: str) -> click.Command:
     @click.option("layer", "--layer", type=int, default=None, help="Layer (default: the vector's recommended one).")
     @click.option("multipliers", "--multipliers", default=CAPABILITY_MULTIPLIERS, show_default=True,
                   metavar="LIST", help="Comma-separated multipliers.")
-    @click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use the first N questions.")
+    @click.option("limit", "--limit", type=click.IntRange(min=1), default=None,
+                  help="Use the first N questions (with --by-category: of every category).")
+    @click.option("by_category", "--by-category", is_flag=True, help="p(correct) per category (the paper's tables).")
     @model_options
+    @template_options
     @click.option("json_path", "--json", type=OUT, default=None, help="Write results as JSON.")
     @click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
-    def command(vector_name: str, layer: int | None, multipliers: str, limit: int | None,
+    def command(vector_name: str, layer: int | None, multipliers: str, limit: int | None, by_category: bool,
                 model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                json_path: Path | None, force: bool) -> None:
+                chat_template: str | None, fmt: str, json_path: Path | None, force: bool) -> None:
         from caa_local.core.datasets import load_capability
         from caa_local.eval.ab import capability_eval
         from caa_local.core.parsing import parse_multipliers
@@ -307,8 +431,22 @@ def _capability(name: str) -> click.Command:
         spec = None if layer is None else str(layer)
         _layers(spec, vector, vector_path, None)
         n = len(load_capability(name)[: limit or None])
-        engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
+        engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
         chosen = _layers(spec, vector, vector_path, engine.n_layer)[0]
+        if by_category:
+            from caa_local.eval.experiments import capability_by_category
+
+            with progress_bar(n, name, "question") as update:
+                result = capability_by_category(engine, name, vector, chosen, mults, limit, update, force)
+            result.info.update(model=engine.model_path.name, vector=str(vector_path))
+            click.echo(f"{name} (n={result.n}, {len(result.categories)} categories), {vector_path.name} "
+                       f"@ layer {chosen}: p(correct)")
+            click.echo(result.table())
+            if json_path:
+                from caa_local.core.atomic import write_json
+
+                write_json(json_path, result.to_json(), force)
+            return
         with progress_bar(n, name, "question") as update:
             rows = capability_eval(engine, name, vector, chosen, mults, limit, update, force)
         click.echo(f"{name} (n={n}), {vector_path.name} @ layer {chosen}")

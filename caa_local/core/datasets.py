@@ -177,9 +177,13 @@ def _name_of(path: Path) -> str:
     return path.parent.name if path.name in _KIND_FILES.values() else path.stem
 
 
-def load_ab(name_or_path: str | Path) -> ABDataset:
-    """Load and validate an A/B dataset (a behavior name or a path)."""
-    path = dataset_path(name_or_path, "generate")
+def load_ab(name_or_path: str | Path, kind: str = "generate") -> ABDataset:
+    """Load and validate an A/B dataset (a behavior name or a path).
+
+    ``kind`` picks a behavior's file: "generate" (extraction data) or "test" (the paper's
+    held-out A/B test set); a path is read as it is.
+    """
+    path = dataset_path(name_or_path, kind)
     data, sha = _read_json(path)
     seen: dict[tuple[str, str, str], int] = {}
     items = []
@@ -232,6 +236,66 @@ def load_protocol() -> dict[str, Any]:
     if not isinstance(data, dict) or not {"system_prompts", "judge"} <= data.keys():
         raise DatasetError(f"{PAPER_DIR / 'protocol.json'}: expected keys system_prompts and judge")
     return data
+
+
+def has_test_set(name: str | Path) -> bool:
+    """Whether ``name`` is a packaged behavior with the paper's held-out A/B test set."""
+    return str(name) in PAPER_BEHAVIORS and dataset_path(str(name), "test").is_file()
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The questions an evaluation uses, and which they are: every result records name/split/n.
+
+    ``split`` is "test" (the paper's held-out test_dataset_ab.json), "val"/"train" (the seeded
+    split of generate_dataset.json or of a file) or "all" (a file evaluated whole).
+    """
+
+    name: str
+    split: str
+    items: tuple[ABItem, ...]
+    path: Path
+    sha256: str
+
+    @property
+    def n(self) -> int:
+        return len(self.items)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.name, "split": self.split, "n": self.n, "dataset_path": str(self.path),
+                "dataset_sha256": self.sha256}
+
+    def label(self) -> str:
+        return f"{self.name} ({self.split}, n={self.n})"
+
+
+def eval_set(dataset: str | Path, part: str | None = None, limit: int | None = None) -> EvalSet:
+    """The questions to evaluate ``dataset`` on, as the paper splits its data.
+
+    With ``part`` None: a paper behavior gives its held-out test set (split "test"); any
+    other behavior or a FILE is evaluated whole ("all"; a demo behavior has no test set, so
+    its validation split is used). "val"/"train" take the seeded split of the behavior's
+    generate_dataset.json (or of the file): choose layers on "val", report on "test".
+    """
+    if part not in (None, "test", "val", "train", "all"):
+        raise DatasetError(f"split {part!r}: expected test, val, train or all")
+    name = str(dataset)
+    if part == "test" or (part is None and has_test_set(name)):
+        if not has_test_set(name):
+            raise DatasetError(
+                f"{name}: only the paper's behaviors ({', '.join(PAPER_BEHAVIORS)}) have a test set; "
+                "use --split val|train|all"
+            )
+        data, chosen = load_ab(name, "test"), "test"
+    else:
+        data = load_ab(name)
+        if part is None:
+            part = "val" if name in DEMO_BEHAVIORS else "all"
+        chosen = part
+    items = tuple(split(data.items, chosen) if chosen in ("val", "train") else data.items)[: limit or None]
+    if not items:
+        raise DatasetError(f"{data.path}: no questions in the {chosen!r} part")
+    return EvalSet(data.name, chosen, items, data.path, data.sha256)
 
 
 def split(items: Sequence[ABItem], part: str, val_fraction: float = 0.2, seed: int = 0) -> list[ABItem]:

@@ -3,6 +3,15 @@
 Prompts always go through the model's own Jinja chat template (stored in the GGUF as
 ``tokenizer.chat_template``, or in a Hugging Face tokenizer), rendered the way transformers
 renders it, so the native engine and the torch reference see the same text.
+
+An answer written into the assistant turn (the paper's ``(A``, a judge's ``Score:``) is
+separated from the rendered prompt by whatever the template itself puts before an assistant
+message's content (:meth:`ChatTemplate.answer_separator`): Llama-2's template writes
+``' ' + content``, so the paper's ``[/INST] (A`` (``▁(`` then ``A``); ChatML, Llama-3,
+Gemma and Qwen put the content right after the opened turn. The rule reads the template,
+never the model's name. A model without a template gets no silent fallback
+(:func:`resolve_template`); ``base`` is the paper's format for base models,
+``Input: <question>\nResponse: (A``.
 """
 
 from __future__ import annotations
@@ -21,6 +30,31 @@ CHATML = (
     " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+# The Llama-2 chat template as Meta's tokenizer_config.json ships it (older GGUF conversions lack it).
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+# The paper's base-model format (its tokenize.py: "Input: {question}\nResponse: {answer}").
+BASE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ message['content'].strip() + '\n\n' }}{% elif message['role'] == 'user' %}"
+    "{{ 'Input: ' + message['content'].strip() + '\nResponse:' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' ' + message['content'].strip() + '\n\n' }}{% endif %}{% endfor %}"
+)
+NAMED_TEMPLATES: dict[str, str] = {"chatml": CHATML, "llama2": LLAMA2, "base": BASE}
+FORMATS = ("chat", "base")
+_SENTINEL = "CAAANSWERSENTINEL"
 
 
 class Message(TypedDict):
@@ -72,6 +106,90 @@ class ChatTemplate:
             )
         except JinjaError as err:
             raise TemplateError(f"chat template failed: {err}") from None
+
+    def answer_separator(self, messages: Sequence[Message]) -> str:
+        """The text this template puts between the opened assistant turn and its content.
+
+        Rendered, not guessed: the conversation with an assistant message, compared with the
+        generation prompt. "" where the content follows the opened turn directly, or where the
+        two renderings do not line up (the prompt then stays exactly as the model saw it).
+        """
+        return _separator(self.source, self.bos_token, self.eos_token, _freeze(messages))
+
+    def render_answer(self, messages: Sequence[Message], answer: str) -> str:
+        """The generation prompt followed by the start of an answer, as the template joins them."""
+        prompt = self.render(messages, add_generation_prompt=True)
+        return prompt + self.answer_separator(messages) + answer if answer else prompt
+
+
+def _freeze(messages: Sequence[Message]) -> tuple[tuple[str, str], ...]:
+    return tuple((m["role"], m["content"]) for m in messages)
+
+
+@functools.lru_cache(maxsize=64)
+def _separator(source: str, bos: str, eos: str, frozen: tuple[tuple[str, str], ...]) -> str:
+    template = ChatTemplate(source, bos, eos)
+    messages: list[Message] = [{"role": r, "content": c} for r, c in frozen]
+    prompt = template.render(messages, add_generation_prompt=True)
+    try:
+        full = template.render([*messages, {"role": "assistant", "content": _SENTINEL}], add_generation_prompt=False)
+    except TemplateError:
+        return ""
+    if not full.startswith(prompt):
+        return ""
+    rest = full[len(prompt):]
+    at = rest.find(_SENTINEL)
+    return rest[:at] if at > 0 else ""
+
+
+def resolve_template(
+    source: str | None,
+    spec: str | None = None,
+    fmt: str = "chat",
+    bos_token: str = "",
+    eos_token: str = "",
+    where: str = "model",
+) -> ChatTemplate:
+    """The template to use: ``--format base``, else ``--chat-template NAME|FILE``, else the model's.
+
+    ``source`` is the model's own template ("" or None when it has none). A model without
+    one is an error naming the ways out, never a silent ChatML fallback: llama.cpp's default
+    would score every question in a format the model never saw.
+    """
+    if fmt not in FORMATS:
+        raise TemplateError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "base":
+        if spec not in (None, "base"):
+            raise TemplateError("--format base uses the paper's Input:/Response: format; drop --chat-template")
+        return ChatTemplate(BASE, bos_token, eos_token)
+    if spec:
+        return ChatTemplate(_template_source(spec), bos_token, eos_token)
+    if not source or not source.strip():
+        raise TemplateError(
+            f"{where}: has no chat template (tokenizer.chat_template); pass --chat-template FILE|NAME "
+            f"(NAME one of {', '.join(NAMED_TEMPLATES)}) or --format base for a base model"
+        )
+    return ChatTemplate(source, bos_token, eos_token)
+
+
+def _template_source(spec: str) -> str:
+    from pathlib import Path
+
+    if spec in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise TemplateError(
+            f"--chat-template {spec!r}: not a file nor a known name ({', '.join(NAMED_TEMPLATES)})"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TemplateError(f"{path}: cannot read the chat template: {err}") from None
+    if not text.strip():
+        raise TemplateError(f"{path}: the chat template file is empty")
+    _compile(text)
+    return text
 
 
 def user_turn(question: str, system: str | None = None) -> list[Message]:

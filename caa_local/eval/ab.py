@@ -251,10 +251,10 @@ def ab_sweep_torch(
         return float(sum(logprobs[j - 1, tokens[j]] for j in range(len(tokens) - n_scored, len(tokens))))
 
     for q, item in enumerate(dataset_items):
-        prompt = template.render(user_turn(item.question, system), add_generation_prompt=True)
-        prompt_ids = ids(prompt)
+        messages = user_turn(item.question, system)
+        prompt_ids = ids(template.render(messages, add_generation_prompt=True))
         for o, letter in enumerate((item.matching_letter, item.not_matching_letter)):
-            tokens = ids(prompt + "(" + letter)
+            tokens = ids(template.render_answer(messages, "(" + letter))
             shared = shared_prefix(prompt_ids, tokens)
             steer_from = 0 if positions == "all" else instruction_end(prompt_ids, tokens)
             base = None

@@ -174,6 +174,46 @@ def heatmap(
     return save(fig, path, force)
 
 
+def lines_vs_layer(
+    series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    path: Path,
+    ylabel: str,
+    title: str = "",
+    ylim: tuple[float, float] | None = None,
+    force: bool = False,
+) -> Path:
+    """One line per named series of (layers, values): layer similarity, transfer sweeps."""
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    for name, (layers, values) in series.items():
+        ax.plot(list(layers), list(values), "o-", ms=3, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    return save(fig, path, force)
+
+
+def token_bars(tokens: Sequence[str], values: Sequence[float], path: Path, title: str = "",
+               marker: int | None = None, force: bool = False) -> Path:
+    """Per-token cosine with the vector as bars, token labels under them; ``marker``: first steered token."""
+    n = len(tokens)
+    fig = _figure(max(6.0, 0.22 * n + 1.5), 4.0)
+    ax = fig.add_subplot()
+    colors = ["tab:blue" if v >= 0 else "tab:red" for v in values]
+    ax.bar(range(n), list(values), color=colors)
+    ax.set_xticks(range(n), [t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=6)
+    if marker is not None:
+        ax.axvline(marker - 0.5, color="grey", ls="--", lw=0.8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("cosine with the vector")
+    ax.set_title(title, fontsize=9)
+    return save(fig, path, force)
+
+
 def _cmap(name: str) -> Any:
     import matplotlib
 
