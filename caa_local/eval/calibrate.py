@@ -86,13 +86,12 @@ class Data:
     test: Sequence[Any] = ()
     test_split: str = ""
     prompts: Sequence[str] = GENERIC_PROMPTS
-    system_prompts: dict[str, str] | None = None
+    paper_behavior: bool = False  # the paper's protocol has pos/neg system prompts for it
 
 
 def load_data(behavior: str, dataset: str | None, settings: Settings) -> Data:
-    """A/B validation and test items, open-ended prompts and the paper's system prompts."""
-    from caa_local.core.datasets import PAPER_BEHAVIORS, behavior_names, dataset_path, load_ab, load_open_ended
-    from caa_local.core.datasets import load_protocol, split
+    """A/B validation and test items, open-ended prompts and whether the paper has system prompts."""
+    from caa_local.core.datasets import behavior_names, dataset_path, eval_set, has_test_set, load_open_ended
 
     source = dataset or (behavior if behavior in behavior_names() else None)
     if source is None:
@@ -100,18 +99,16 @@ def load_data(behavior: str, dataset: str | None, settings: Settings) -> Data:
             raise CaaError(f"vector behavior {behavior or '(none)'!r} is not a packaged one: pass "
                            "--dataset FILE.json (A/B pairs) or a judge-free --metric")
         return Data(behavior)
-    data = load_ab(source)
-    val = split(data.items, "val", seed=0)[: settings.val_limit]
-    test, test_split = val, "val"
-    test_path = dataset_path(source, "test") if source in PAPER_BEHAVIORS else None
-    if test_path is not None and test_path.is_file():
-        test, test_split = load_ab(test_path).items, "test"
+    val = eval_set(source, "val", settings.val_limit)
+    # The card reports on the paper's held-out test set; elsewhere on the validation split
+    # (never "all": a file's training part is what the vector was extracted from).
+    test = eval_set(source, "test", settings.test_limit) if has_test_set(source) else \
+        eval_set(source, "val", settings.test_limit)
     prompts: Sequence[str] = GENERIC_PROMPTS
     if source in behavior_names() and dataset_path(source, "open_ended").is_file():
         prompts = load_open_ended(source)
-    system = load_protocol()["system_prompts"].get(source) if source in PAPER_BEHAVIORS else None
-    return Data(behavior or data.name, data.name, data.sha256, val, tuple(test)[: settings.test_limit],
-                test_split, prompts, system)
+    return Data(behavior or val.name, val.name, val.sha256, val.items, test.items, test.split, prompts,
+                has_test_set(source))
 
 
 def split_prompts(prompts: Sequence[str], settings: Settings) -> tuple[list[str], list[list[str]]]:
@@ -193,7 +190,7 @@ def reliability_card(engine: Any, vector: ControlVector, layer: int, multiplier:
                            "at_recommended": round(sweep.mean(layer, multiplier), 4),
                            "at_negative_limit": round(sweep.mean(layer, negative), 4) if negative is not None else None}
         card["anti_steerable"] = round(float((moved < 0).mean()), 4)
-    card["system_prompt"] = system_prompt_baseline(engine, vector, layer, data, log, any_arch)
+    card["system_prompt"] = system_prompt_baseline(engine, data, log)
     if settings.mmlu_limit:
         log(f"card: MMLU, {settings.mmlu_limit} questions at x+0 and x{multiplier:+g}")
         rows = {r["multiplier"]: r for r in capability_eval(engine, "mmlu", vector, layer, [0.0, multiplier],
@@ -204,19 +201,14 @@ def reliability_card(engine: Any, vector: ControlVector, layer: int, multiplier:
     return card
 
 
-def system_prompt_baseline(engine: Any, vector: ControlVector, layer: int, data: Data, log: Log,
-                           any_arch: bool = False) -> dict[str, Any] | None:
-    """p(match) with the paper's pos / neg system prompts and no vector (None: the protocol has none)."""
-    from caa_local.eval.ab import ab_sweep
+def system_prompt_baseline(engine: Any, data: Data, log: Log) -> dict[str, Any] | None:
+    """p(match) with no, the paper's pos and its neg system prompt, no vector (None: the protocol has none)."""
+    from caa_local.eval.system_prompts import system_prompt_baseline as baseline
 
-    if not data.system_prompts or not data.test:
+    if not data.paper_behavior or not data.test:
         return None
     log(f"card: system-prompt baseline on {len(data.test)} questions")
-    out: dict[str, Any] = {"n": len(data.test)}
-    for kind in ("pos", "neg"):
-        sweep = ab_sweep(engine, vector, data.test, [layer], [0.0], data.system_prompts[kind], None, any_arch)
-        out[kind] = round(sweep.mean(layer, 0.0), 4)
-    return out
+    return {"n": len(data.test), **{k: round(v, 4) for k, v in baseline(engine, data.dataset, data.test).items()}}
 
 
 def card_lines(summary: dict[str, Any]) -> list[str]:
@@ -240,7 +232,7 @@ def card_lines(summary: dict[str, Any]) -> list[str]:
                      + f"; anti-steerable {card['anti_steerable']:.0%}")
     if card.get("system_prompt"):
         s = card["system_prompt"]
-        lines.append(f"  system-prompt baseline (no vector): pos {s['pos']:.3f}, neg {s['neg']:.3f}")
+        lines.append(f"  system-prompt baseline (no vector): none {s['none']:.3f}, pos {s['pos']:.3f}, neg {s['neg']:.3f}")
     if card.get("mmlu"):
         m = card["mmlu"]
         lines.append(f"  MMLU ({m['n']} questions): {m['at_0']:.3f} -> {m['at_recommended']:.3f} ({m['change']:+.3f})")
