@@ -150,3 +150,68 @@ def test_card_lines() -> None:
     lines = card_lines(_summary())
     assert lines[0].startswith("b on m.gguf: layer 5 (given), multiplier x+2, negative limit x-1.5")
     assert any("MMLU (4 questions): 0.500 -> 0.250 (-0.250)" in line for line in lines)
+
+
+# -- on the default model ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_calibrate_writes_metadata_that_chat_and_generate_use(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:
+    out, card = tmp_path / "sentiment.gguf", tmp_path / "card.json"
+    code, stdout, err = run_cli(capsys, "calibrate", "sentiment", "--quick", "--threads", "1", "--layers", "21-23",
+                                "--multipliers", "1,20,-1", "--limit", "4", "--out", str(out), "--json", str(card))
+    assert code == 0, err
+    summary = json.loads(card.read_text())
+    vec = ControlVector.load(out)
+    assert vec.calibration() == summary and summary["layer"] in (21, 22, 23)
+    assert vec.recommended_layer() == summary["layer"] and vec.recommended_multiplier() == 1.0
+    by = {p["multiplier"]: p for p in summary["curve"]}
+    assert by[20.0]["passed"] is False and by[20.0]["failures"]  # x20 is gibberish: the guard says so
+    assert summary["positive_limit"] == 1.0 and set(by) == {-1.0, 0.0, 1.0, 20.0}
+    assert {"metric", "perplexity_ratio", "broken", "repetition"} <= set(by[1.0])
+    assert summary["card"]["p_match"]["split"] == "val" and summary["card"]["mmlu"]["n"] == 4
+    assert len(summary["model_sha256"]) == 64 and summary["n"] == 6 and summary["seed"] == 0
+    assert f"layer {summary['layer']}" in stdout and "MMLU (4 questions)" in stdout and "wrote" in stdout
+    # calibrating again needs --force; generate then steers at the recorded layer and multiplier
+    code, _, err = run_cli(capsys, "calibrate", str(out), "--quick")
+    assert code == 1 and "already calibrated" in err and "Traceback" not in err
+    answer = tmp_path / "answer.json"
+    code, _, err = run_cli(capsys, "generate", "Hi", "--vector", str(out), "--max-tokens", "4", "--threads", "1",
+                           "--json", str(answer))
+    assert code == 0, err
+    steering = json.loads(answer.read_text())["steering"]
+    assert steering[0]["layers"] == [summary["layer"]] and steering[0]["scale"] == 1.0
+    assert "no recommended layer" not in err
+
+
+@pytest.mark.slow
+def test_generate_warns_about_a_vector_without_a_layer(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    raw = ControlVector.load(Path(__file__).parent.parent / "vectors" / "sentiment.gguf")
+    bare = ControlVector(raw.model_hint, {layer: raw.directions[layer] for layer in (5, 6)}, {"behavior": "x"})
+    bare.save(tmp_path / "bare.gguf")
+    code, _, err = run_cli(capsys, "generate", "Hi", "--vector", str(tmp_path / "bare.gguf"), "--max-tokens", "2",
+                           "--threads", "1")
+    assert code == 0, err
+    assert err.count("no recommended layer") == 1 and "all its 2 layers (5-6) at x1" in err
+
+
+def test_extract_calibrate_needs_a_gguf_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "extract", "sycophancy", "--model", "meta-llama/Llama-2-7b-chat-hf",
+                           "--calibrate", "--out", str(tmp_path / "s.gguf"))
+    assert code == 1 and err.count("Error:") == 1 and "calibrate" in err and "Traceback" not in err
+    assert not (tmp_path / "s.gguf").exists()
+
+
+def test_calibrate_refuses_bad_input_before_loading_a_model(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "v.gguf"
+    calibrated(_vector(), _summary()).save(path)
+    cases = [
+        (["calibrate", str(path)], "already calibrated"),
+        (["calibrate", str(tmp_path / "none.gguf")], "no such vector file"),
+        (["calibrate", str(path), "--force", "--multipliers", "0"], "non-zero multiplier"),
+        (["calibrate", str(path), "--force", "--multipliers", "1,x"], "bad multipliers list"),
+        (["calibrate", str(path), "--force", "--dataset", str(tmp_path / "missing.json")], "no such dataset"),
+    ]
+    for args, message in cases:
+        code, _, err = run_cli(capsys, *args)
+        assert code != 0 and message in err and "Traceback" not in err, (args, err)

@@ -38,17 +38,15 @@ def calibration_settings(quick: bool, **options: Any) -> Any:
     return Settings(**{**(QUICK if quick else {}), **given})
 
 
-def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: Any, settings: Any,
-                    behavior: str | None = None, dataset: str | None = None,
+def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: Any, settings: Any, data: Any,
                     json_path: Path | None = None, any_arch: bool = False) -> dict[str, Any]:
     """Calibrate the vector file, write it (atomically) and print the card; the summary back."""
     from caa_local.core.atomic import write_json
     from caa_local.core.vector import ControlVector
-    from caa_local.eval.calibrate import calibrate, calibrated, card_lines, load_data
+    from caa_local.eval.calibrate import calibrate, calibrated, card_lines
 
     vector = ControlVector.load(vector_path)
     target = target_path(vector_path, out, force, vector.calibration() is not None)
-    data = load_data(behavior or vector.metadata.get("behavior", ""), dataset, settings)
     summary = calibrate(engine, vector, data, settings, log=lambda m: warn(f"[calibrate] {m}"), any_arch=any_arch)
     calibrated(vector, summary).save(target, force=True)
     if json_path is not None:
@@ -110,6 +108,7 @@ def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: i
     from caa_local.core.locate import resolve_vector
     from caa_local.core.parsing import parse_multipliers
     from caa_local.core.vector import ControlVector
+    from caa_local.eval.calibrate import load_data
 
     vector_path = resolve_vector(vector_ref)
     vector = ControlVector.load(vector_path)
@@ -126,7 +125,8 @@ def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: i
                                     layers=parse_layer_spec(layers) if layers else None,
                                     conversations=conversations, turns=turns, max_tokens=max_tokens,
                                     val_limit=val_limit, mmlu_limit=mmlu_limit, seed=seed)
+    data = load_data(behavior, dataset, settings)
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
     if settings.layers:
         settings = dataclasses.replace(settings, layers=parse_layer_spec(layers, engine.n_layer))
-    run_calibration(vector_path, out, force, engine, settings, behavior or None, dataset, json_path)
+    run_calibration(vector_path, out, force, engine, settings, data, json_path)

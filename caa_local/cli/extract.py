@@ -72,11 +72,13 @@ def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: i
         return
     from caa_local.cli import open_engine
     from caa_local.cli.calibrate import calibration_settings, run_calibration
+    from caa_local.eval.calibrate import load_data
 
     del model, tokenizer  # the native engine takes over; free the torch copy first
+    settings = calibration_settings(True, metric=_metric_for(data.name))
+    calibration_data = load_data(data.name, dataset, settings)
     engine = open_engine(Path(model_ref) if model_ref else None, 4096, 0, 0)
-    run_calibration(out, None, force, engine, calibration_settings(True, metric=_metric_for(data.name)),
-                    data.name, dataset)
+    run_calibration(out, None, force, engine, settings, calibration_data)
 
 
 def _metric_for(behavior: str) -> str:
