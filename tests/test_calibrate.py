@@ -142,7 +142,7 @@ def test_combine_drops_the_calibration_and_says_so(capsys: pytest.CaptureFixture
 
 def test_no_layer_warning_names_the_layers() -> None:
     warning = no_layer_warning("mine", _vector(), 1.0)
-    assert warning is not None and "all its 3 layers (3, 5, 7) at x1" in warning and "calibrate" in warning
+    assert warning is not None and "all its 3 layers (3,5,7) at x1" in warning and "calibrate" in warning
     assert no_layer_warning("mine", _vector(recommended_layer="5"), 1.0) is None
 
 
