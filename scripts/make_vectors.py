@@ -79,7 +79,9 @@ def calibrate_vector(engine: Any, behavior: str, vector: ControlVector, args: ar
         return json.loads(cache.read_text())
     settings = Settings(metric=DEMO_METRIC.get(behavior, "p_match"), val_limit=args.val_limit,
                         conversations=args.conversations, turns=3, max_tokens=args.max_tokens,
-                        mmlu_limit=args.mmlu_limit)
+                        mmlu_limit=args.mmlu_limit, candidates=args.candidates, layer_prompts=args.layer_prompts,
+                        multipliers=(*(-m for m in args.multipliers), *args.multipliers),
+                        layers=[vector.recommended_layer()] if args.keep_layers and vector.recommended_layer() else None)
     log(f"calibrate {behavior}")
     summary = calibrate(engine, vector, load_data(behavior, None, settings), settings, log=lambda m: log(f"  {m}"))
     write_json(cache, summary, force=True)
@@ -92,26 +94,38 @@ def chat_check(engine: Any, behavior: str, vector: ControlVector, summary: dict[
     from caa_local.eval.calibrate import Settings, load_data, split_prompts
     from caa_local.eval.coherence import Guard, strength_curve
 
+    cache = WORK / "chat-check" / f"{behavior}-L{summary['layer']}-x{summary['recommended_multiplier']:g}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+
     settings = Settings(metric=summary["metric"], conversations=conversations, turns=3)
     _, convs = split_prompts(load_data(behavior, None, settings).prompts, settings)
     log(f"chat check {behavior}: {len(convs)} conversations x 3 turns at x0 and x{summary['recommended_multiplier']:+g}")
     curve = strength_curve(engine, vector, summary["layer"], convs, [summary["recommended_multiplier"]],
                            Guard(), summary["metric"], seed=1, log=lambda m: log(f"  {m}"))
-    return {"conversations": len(convs), "turns": 3, "seed": 1,
-            "points": [{k: p[k] for k in ("multiplier", "metric", "broken", "degenerate", "perplexity_ratio", "passed")
-                        if k in p} for p in curve]}
+    check = {"conversations": len(convs), "turns": 3, "seed": 1,
+             "points": [{k: p[k] for k in ("multiplier", "metric", "broken", "degenerate", "perplexity_ratio", "passed")
+                         if k in p} for p in curve]}
+    write_json(cache, check, force=True)
+    return check
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-limit", type=int, default=100)
-    parser.add_argument("--val-limit", type=int, default=24)
+    parser.add_argument("--val-limit", type=int, default=16)
     parser.add_argument("--conversations", type=int, default=12, help="guard conversations per multiplier")
-    parser.add_argument("--max-tokens", type=int, default=96, help="tokens per answer in the guard's conversations")
-    parser.add_argument("--mmlu-limit", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer in the guard's conversations")
+    parser.add_argument("--mmlu-limit", type=int, default=24)
+    parser.add_argument("--candidates", type=int, default=2, help="best A/B layers probed per demo behavior")
+    parser.add_argument("--layer-prompts", type=int, default=6, help="open-ended prompts of that probe")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0],
+                        help="strengths tried on each side (outwards until the guard fails)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=None, help="restrict to these behaviors")
     parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the files in vectors/")
+    parser.add_argument("--keep-layers", action="store_true",
+                        help="keep each file's recommended layer; calibrate only the strength")
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
     args = parser.parse_args()
 
@@ -227,10 +241,13 @@ def demo_section(behavior: str, entry: dict[str, Any]) -> list[str]:
     cal = entry["calibration"]
     metric, neg, pos = cal["metric"], cal["negative_limit"], cal["recommended_multiplier"]
     span = f"{neg:+g} .. {pos:+g}" if neg is not None else f"0 .. {pos:+g}"
+    choice = cal["layer_choice"]
+    how = (f"Layer {cal['layer']} kept from the file (chosen by an earlier run on greedy `{metric}` curves at the "
+           "two best A/B layers; `--keep-layers`)." if choice["method"] == "given" else
+           f"Layer {cal['layer']} by `{metric}` of greedy answers at x-1/x+1 on {choice['n']} held-out prompts "
+           f"among the best A/B layers ({_scores(choice['scores'])}).")
     lines = ["", f"## {behavior}: layer {cal['layer']}, multipliers {span}", "",
-             f"Layer {cal['layer']} by `{metric}` of greedy answers at x-1/x+1 on {cal['layer_choice']['n']} "
-             f"held-out prompts among the best A/B layers ({_scores(cal['layer_choice']['scores'])}). "
-             f"Strength: {cal['conversations']} conversations x {cal['turns']} turns per multiplier "
+             f"{how} Strength: {cal['conversations']} conversations x {cal['turns']} turns per multiplier "
              f"({cal['n']} answers), chat sampling; calibration took {entry['seconds']:.0f} s on the 2-core dev machine.", "",
              f"| multiplier | {metric} | perplexity ratio | broken turns | repetition | guard |", "|---|---|---|---|---|---|"]
     for point in cal["curve"]:
