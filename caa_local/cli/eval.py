@@ -48,11 +48,9 @@ def _outputs(force: bool, *paths: Path | None) -> None:
 
 
 def _vector(name: str) -> tuple[Path, Any]:
-    from caa_local.core.locate import resolve_vector
-    from caa_local.core.vector import ControlVector
+    from caa_local.core.locate import load_vector
 
-    path = resolve_vector(name)
-    return path, ControlVector.load(path)
+    return load_vector(name)
 
 
 def _layers(spec: str | None, vector: Any, where: Path, n_layer: int | None) -> list[int]:
@@ -102,10 +100,10 @@ def template_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
-            fmt: str, positions: str = "response") -> Any:
+            fmt: str) -> Any:
     from caa_local.eval.formats import use_format
 
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
     use_format(engine, chat_template, fmt)
     return engine
 
@@ -187,9 +185,9 @@ def eval_ab(vector_name: str, dataset: str | None, layer_spec: str | None, from_
                                     mults, system_text, positions, update)
             model_name = info.name
         else:
-            engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt, positions)
+            engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
             vector, layers = _sweep_vector(vector, layer_spec, from_layer, vector_path, engine.n_layer)
-            result = ab_sweep(engine, vector, data.items, layers, mults, system_text, update, force)
+            result = ab_sweep(engine, vector, data.items, layers, mults, system_text, update, force, positions)
             model_name = engine.model_path.name
     result.info.update(model=model_name, vector=str(vector_path), **data.describe(), format=fmt,
                        system=system or "", from_layer=from_layer, seconds=round(time.perf_counter() - start, 2))
