@@ -115,15 +115,17 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=100)
     parser.add_argument("--val-limit", type=int, default=16)
     parser.add_argument("--conversations", type=int, default=12, help="guard conversations per multiplier")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per answer in the guard's conversations")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per answer in the guard's conversations")
     parser.add_argument("--mmlu-limit", type=int, default=24)
     parser.add_argument("--candidates", type=int, default=2, help="best A/B layers probed per demo behavior")
     parser.add_argument("--layer-prompts", type=int, default=6, help="open-ended prompts of that probe")
-    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0],
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
                         help="strengths tried on each side (outwards until the guard fails)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=None, help="restrict to these behaviors")
     parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the files in vectors/")
+    parser.add_argument("--chat-check", action="store_true",
+                        help="demo behaviors: also check the recommendation with answers up to the chat's 256 tokens")
     parser.add_argument("--keep-layers", action="store_true",
                         help="keep each file's recommended layer; calibrate only the strength")
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
@@ -155,7 +157,7 @@ def main() -> None:
             entry: dict[str, Any] = {"layer": summary["layer"], "multiplier": summary["recommended_multiplier"],
                                      "negative_limit": summary["negative_limit"], "calibration": summary,
                                      "seconds": round(time.perf_counter() - start, 1)}
-            if behavior in DEMO_METRIC:
+            if behavior in DEMO_METRIC and args.chat_check:
                 entry["chat_check"] = chat_check(engine, behavior, vectors[behavior], summary, args.conversations)
             results[behavior] = entry
             calibrated(vectors[behavior], summary).save(OUT / f"{behavior}.gguf", force=True)

@@ -157,19 +157,20 @@ def test_card_lines() -> None:
 def test_calibrate_writes_metadata_that_chat_and_generate_use(capsys: pytest.CaptureFixture[str],
                                                               tmp_path: Path) -> None:
     out, card = tmp_path / "sentiment.gguf", tmp_path / "card.json"
-    code, stdout, err = run_cli(capsys, "calibrate", "sentiment", "--quick", "--threads", "1", "--layers", "21-23",
-                                "--multipliers", "1,20,-1", "--limit", "4", "--out", str(out), "--json", str(card))
+    code, stdout, err = run_cli(capsys, "calibrate", "sentiment", "--quick", "--threads", "1", "--layers", "22-23",
+                                "--multipliers", "1,20,-1", "--val-limit", "4", "--conversations", "2", "--limit", "4",
+                                "--out", str(out), "--json", str(card))
     assert code == 0, err
     summary = json.loads(card.read_text())
     vec = ControlVector.load(out)
-    assert vec.calibration() == summary and summary["layer"] in (21, 22, 23)
+    assert vec.calibration() == summary and summary["layer"] in (22, 23)
     assert vec.recommended_layer() == summary["layer"] and vec.recommended_multiplier() == 1.0
     by = {p["multiplier"]: p for p in summary["curve"]}
     assert by[20.0]["passed"] is False and by[20.0]["failures"]  # x20 is gibberish: the guard says so
     assert summary["positive_limit"] == 1.0 and set(by) == {-1.0, 0.0, 1.0, 20.0}
     assert {"metric", "perplexity_ratio", "broken", "repetition"} <= set(by[1.0])
     assert summary["card"]["p_match"]["split"] == "val" and summary["card"]["mmlu"]["n"] == 4
-    assert len(summary["model_sha256"]) == 64 and summary["n"] == 6 and summary["seed"] == 0
+    assert len(summary["model_sha256"]) == 64 and summary["n"] == 4 and summary["seed"] == 0
     assert f"layer {summary['layer']}" in stdout and "MMLU (4 questions)" in stdout and "wrote" in stdout
     # calibrating again needs --force; generate then steers at the recorded layer and multiplier
     code, _, err = run_cli(capsys, "calibrate", str(out), "--quick")
