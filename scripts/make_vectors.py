@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,13 @@ from typing import Any
 import numpy as np
 
 from caa_local.core.atomic import write_json, write_text
-from caa_local.core.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, load_open_ended, split
+from caa_local.core.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, split
 from caa_local.core.vector import ControlVector
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "vectors-work"
 OUT = ROOT / "vectors"
 DEMO_METRIC = {"sentiment": "sentiment", "formality": "formality", "enthusiasm": "enthusiasm"}
-DEMO_MULTIPLIERS = [-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 # The paper's read position (the answer letter) carries almost nothing on a 135M model; the
 # demo vectors average over the whole answer text instead (measured: see vectors/README.md).
 DEMO_READ = "answer-text"
