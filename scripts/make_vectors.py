@@ -196,6 +196,14 @@ most 0.1 above. The recommended multiplier is the largest positive one that pass
 negative limit the largest negative one. `caa-local vector info NAME` shows the whole
 calibration (`caa.calibration`: curve, guard values, data, seed, model hash).
 
+**After gibberish, `/reset`.** `/unsteer` stops the steering from the next token (the engine
+re-decodes whatever the cache holds with other steering), but the conversation itself stays:
+if earlier answers were gibberish, the unsteered model continues them. Measured on this
+model: after two answers at `sentiment x8` + `formality x-3`, three unsteered answers kept the
+gibberish (perplexity 29, 2.0 and 1.7 under the unsteered model given that history: it
+copies), while the same questions in a fresh conversation got ordinary answers. `/reset`
+starts a fresh conversation (the system message is kept).
+
 ## A/B p(match) on validation questions at the recommended layer
 
 """
@@ -263,9 +271,13 @@ def demo_section(behavior: str, entry: dict[str, Any]) -> list[str]:
                   f"unsteered, {top['metric']:.3f} at x{pos:+g}; broken turns {zero['broken']:.0%} unsteered, "
                   f"{top['broken']:.0%} at x{pos:+g} (degenerate: {top['degenerate']:.0%})."]
     examples = {p["multiplier"]: p["example"] for p in cal["curve"]}
-    lines += ["", "> last turn of the last conversation", ">", f"> unsteered: {examples[0.0]}", ">",
-              f"> x{pos:+g}: {examples[pos]}"]
+    lines += ["", "> last turn of the last conversation", ">", f"> unsteered: {_one_line(examples[0.0])}", ">",
+              f"> x{pos:+g}: {_one_line(examples[pos])}"]
     return lines
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _scores(scores: dict[str, Any]) -> str:
