@@ -3,23 +3,23 @@
 1. extract (torch, train split) every behavior's CAA vector at every steerable layer;
 2. normalize per layer across behaviors (the paper's normalization): the seven paper
    behaviors together, the three demo behaviors together;
-3. choose a layer per behavior on the held-out validation split with the native engine:
-   A/B p(match) at multipliers -1 / +1 at every layer, keeping the layer with the largest
-   p(+1) - p(-1);
-4. demo behaviors only: judge-free metric curves of open-ended answers to held-out prompts
-   over multipliers at the best A/B layers, with a fluency guard: the layer where the metric
-   rises monotonically over the most multipliers while fluent, the strongest fluent multiplier;
-5. write vectors/*.gguf (recommended layer and multiplier in their metadata) and the
-   measured tables: vectors/results.json and vectors/README.md.
+3. calibrate each vector (caa_local.eval.calibrate, as `caa-local calibrate` does): the layer
+   on the held-out validation split (A/B p(match), or for the demo behaviors the judge-free
+   metric of answers at the best A/B layers), then the strongest multipliers that keep
+   multi-turn conversations coherent under the chat's own sampling;
+4. demo behaviors: check the recommendation at the chat's full default sampling (12 held-out
+   three-turn conversations, answers up to the chat's max_tokens): broken-turn rate and metric;
+5. write vectors/*.gguf (recommended layer, multipliers and the calibration summary in their
+   metadata) and the measured tables: vectors/results.json and vectors/README.md.
 
-Intermediate results live in build/vectors-work/, so an interrupted run resumes.
+Intermediate results live in build/vectors-work/, so an interrupted run resumes;
+`--calibrate-only` recalibrates the files already in vectors/ (no torch needed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,13 @@ from typing import Any
 import numpy as np
 
 from caa_local.core.atomic import write_json, write_text
-from caa_local.core.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, load_open_ended, split
+from caa_local.core.datasets import DEMO_BEHAVIORS, PAPER_BEHAVIORS, load_ab, split
 from caa_local.core.vector import ControlVector
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "vectors-work"
 OUT = ROOT / "vectors"
 DEMO_METRIC = {"sentiment": "sentiment", "formality": "formality", "enthusiasm": "enthusiasm"}
-DEMO_MULTIPLIERS = [-3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 # The paper's read position (the answer letter) carries almost nothing on a 135M model; the
 # demo vectors average over the whole answer text instead (measured: see vectors/README.md).
 DEMO_READ = "answer-text"
@@ -70,95 +69,75 @@ def normalize_group(behaviors: list[str]) -> dict[str, ControlVector]:
     return normalize({b: ControlVector.load(WORK / "raw" / f"{b}.gguf") for b in behaviors})
 
 
-def layer_sweep(engine: Any, behavior: str, vector: ControlVector, val_limit: int) -> dict[str, Any]:
-    from caa_local.eval.ab import ab_sweep
+def calibrate_vector(engine: Any, behavior: str, vector: ControlVector, args: argparse.Namespace) -> dict[str, Any]:
+    from caa_local.eval.calibrate import Settings, calibrate, load_data
 
-    cache = WORK / "sweeps" / f"{behavior}.json"
+    cache = WORK / "calibration" / f"{behavior}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    items = split(load_ab(behavior).items, "val")[:val_limit]
-    log(f"A/B layer sweep {behavior}: {len(items)} validation questions x {len(vector.layers)} layers")
-    result = ab_sweep(engine, vector, items, vector.layers, [-1.0, 0.0, 1.0])
-    rows = result.rows()
-    write_json(cache, {"rows": rows, "n": len(items)}, force=True)
-    return {"rows": rows, "n": len(items)}
+    settings = Settings(metric=DEMO_METRIC.get(behavior, "p_match"), val_limit=args.val_limit,
+                        conversations=args.conversations, turns=3, max_tokens=args.max_tokens,
+                        mmlu_limit=args.mmlu_limit, candidates=args.candidates, layer_prompts=args.layer_prompts,
+                        multipliers=(*(-m for m in args.negative_multipliers or args.multipliers), *args.multipliers),
+                        layers=[vector.recommended_layer()] if args.keep_layers and vector.recommended_layer() else None)
+    log(f"calibrate {behavior}")
+    summary = calibrate(engine, vector, load_data(behavior, None, settings), settings, log=lambda m: log(f"  {m}"))
+    write_json(cache, summary, force=True)
+    return summary
 
 
-def best_layers(sweep: dict[str, Any], k: int) -> list[int]:
-    p = {(r["layer"], r["multiplier"]): r["p_match"] for r in sweep["rows"]}
-    layers = sorted({r["layer"] for r in sweep["rows"]})
-    return sorted(layers, key=lambda layer: p[(layer, 1.0)] - p[(layer, -1.0)], reverse=True)[:k]
+def chat_check(engine: Any, behavior: str, vector: ControlVector, summary: dict[str, Any],
+               conversations: int) -> dict[str, Any]:
+    """The recommendation at the chat's full default sampling, against multiplier 0."""
+    from caa_local.eval.calibrate import Settings, load_data, split_prompts
+    from caa_local.eval.coherence import Guard, strength_curve
 
-
-def metric_curve(engine: Any, behavior: str, vector: ControlVector, layer: int,
-                 n_prompts: int, max_tokens: int) -> list[dict[str, Any]]:
-    from caa_local.eval.open_ended import open_ended
-    from caa_local.eval.metrics import perplexity, summarize
-    from caa_local.core.templates import user_turn
-
-    cache = WORK / "curves" / f"{behavior}-L{layer}.json"
+    cache = WORK / "chat-check" / f"{behavior}-L{summary['layer']}-x{summary['recommended_multiplier']:g}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    prompts = load_open_ended(behavior)[:n_prompts]
-    log(f"open-ended {behavior} @ layer {layer}: {len(prompts)} prompts x {len(DEMO_MULTIPLIERS)} multipliers")
-    rows = open_ended(engine, vector, layer, DEMO_MULTIPLIERS, prompts, max_tokens=max_tokens)
-    ppl = perplexity(engine, [user_turn(r["prompt"]) for r in rows], [r["answer"] for r in rows])
-    for row, value in zip(rows, ppl):
-        row["perplexity"] = value
-    summary = summarize(rows, [DEMO_METRIC[behavior]])
-    write_json(cache, {"summary": summary, "rows": rows}, force=True)
-    return {"summary": summary, "rows": rows}
 
-
-def fluent(summary: list[dict[str, Any]], multiplier: float) -> bool:
-    """At most 20% degenerate answers, and median perplexity (of the steered text under the
-    unsteered model) at most 3x the unsteered answers'."""
-    by_mult = {s["multiplier"]: s for s in summary}
-    s = by_mult[multiplier]
-    return s["degenerate"] <= 0.2 and s.get("perplexity", math.inf) <= 3 * by_mult[0.0].get("perplexity", math.inf)
-
-
-def strongest_fluent(summary: list[dict[str, Any]], metric: str) -> float:
-    """The recommended multiplier: the positive one with the highest metric while fluent."""
-    candidates = [s for s in summary if s["multiplier"] > 0 and fluent(summary, s["multiplier"])]
-    return max(candidates, key=lambda s: s[metric])["multiplier"] if candidates else 1.0
-
-
-def monotone_range(summary: list[dict[str, Any]], metric: str) -> tuple[list[float], float]:
-    """The widest run of multipliers around 0 where the metric strictly rises and fluency holds."""
-    by_mult = {s["multiplier"]: s for s in summary}
-
-    def ok(m: float) -> bool:
-        return fluent(summary, m)
-
-    mults = sorted(by_mult)
-    zero = mults.index(0.0)
-    lo = hi = zero
-    while lo > 0 and ok(mults[lo - 1]) and by_mult[mults[lo - 1]][metric] < by_mult[mults[lo]][metric]:
-        lo -= 1
-    while hi < len(mults) - 1 and ok(mults[hi + 1]) and by_mult[mults[hi + 1]][metric] > by_mult[mults[hi]][metric]:
-        hi += 1
-    span = mults[lo : hi + 1]
-    return span, by_mult[mults[hi]][metric] - by_mult[mults[lo]][metric]
+    settings = Settings(metric=summary["metric"], conversations=conversations, turns=3)
+    _, convs = split_prompts(load_data(behavior, None, settings).prompts, settings)
+    log(f"chat check {behavior}: {len(convs)} conversations x 3 turns at x0 and x{summary['recommended_multiplier']:+g}")
+    curve = strength_curve(engine, vector, summary["layer"], convs, [summary["recommended_multiplier"]],
+                           Guard(), summary["metric"], seed=1, log=lambda m: log(f"  {m}"))
+    check = {"conversations": len(convs), "turns": 3, "seed": 1,
+             "points": [{k: p[k] for k in ("multiplier", "metric", "broken", "degenerate", "perplexity_ratio", "passed")
+                         if k in p} for p in curve]}
+    write_json(cache, check, force=True)
+    return check
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-limit", type=int, default=100)
-    parser.add_argument("--val-limit", type=int, default=24)
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--max-tokens", type=int, default=40)
-    parser.add_argument("--candidates", type=int, default=2, help="best A/B layers tried per demo behavior")
+    parser.add_argument("--val-limit", type=int, default=16)
+    parser.add_argument("--conversations", type=int, default=12, help="guard conversations per multiplier")
+    parser.add_argument("--max-tokens", type=int, default=48, help="tokens per answer in the guard's conversations")
+    parser.add_argument("--mmlu-limit", type=int, default=24)
+    parser.add_argument("--candidates", type=int, default=2, help="best A/B layers probed per demo behavior")
+    parser.add_argument("--layer-prompts", type=int, default=6, help="open-ended prompts of that probe")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
+                        help="strengths tried on each side (outwards until the guard fails)")
+    parser.add_argument("--negative-multipliers", type=float, nargs="+", default=None,
+                        help="magnitudes tried on the negative side (default: --multipliers)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=None, help="restrict to these behaviors")
+    parser.add_argument("--calibrate-only", action="store_true", help="recalibrate the files in vectors/")
+    parser.add_argument("--chat-check", action="store_true",
+                        help="demo behaviors: also check the recommendation with answers up to the chat's 256 tokens")
+    parser.add_argument("--keep-layers", action="store_true",
+                        help="keep each file's recommended layer; calibrate only the strength")
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
     args = parser.parse_args()
 
     groups = [list(PAPER_BEHAVIORS), list(DEMO_BEHAVIORS)]
     wanted = set(args.only) if args.only else None
-    extract_all([b for g in groups for b in g if not wanted or b in wanted], args.train_limit, args.batch_size)
+    if not args.calibrate_only:
+        extract_all([b for g in groups for b in g if not wanted or b in wanted], args.train_limit, args.batch_size)
 
     from caa_local.engine.engine import Engine
+    from caa_local.eval.calibrate import calibrated
 
     engine = Engine(n_ctx=2048, n_threads=args.threads)
     results_path = OUT / "results.json"
@@ -166,42 +145,26 @@ def main() -> None:
     for group in groups:
         if wanted and not wanted & set(group):
             continue
-        normalized = normalize_group(group)
+        if args.calibrate_only:
+            vectors = {b: ControlVector.load(OUT / f"{b}.gguf") for b in group}
+        else:
+            vectors = normalize_group(group)
         for behavior in group:
             if wanted and behavior not in wanted:
                 continue
-            vector = normalized[behavior]
-            sweep = layer_sweep(engine, behavior, vector, args.val_limit)
-            layer = best_layers(sweep, 1)[0]
-            entry: dict[str, Any] = {"sweep": sweep, "layer": layer, "multiplier": 1.0}
-            if behavior in DEMO_METRIC:
-                metric = DEMO_METRIC[behavior]
-                curves = {L: metric_curve(engine, behavior, vector, L, args.prompts, args.max_tokens)
-                          for L in best_layers(sweep, args.candidates)}
-                ranked = sorted(curves, key=lambda L: (len(monotone_range(curves[L]["summary"], metric)[0]),
-                                                       monotone_range(curves[L]["summary"], metric)[1]),
-                                reverse=True)
-                layer = ranked[0]
-                span, gain = monotone_range(curves[layer]["summary"], metric)
-                best = strongest_fluent(curves[layer]["summary"], metric)
-                entry.update(layer=layer, multiplier=best, metric=metric, span=span, gain=gain,
-                             curves={str(L): c["summary"] for L, c in curves.items()},
-                             examples=example_pair(curves[layer]["rows"], best))
+            start = time.perf_counter()
+            summary = calibrate_vector(engine, behavior, vectors[behavior], args)
+            entry: dict[str, Any] = {"layer": summary["layer"], "multiplier": summary["recommended_multiplier"],
+                                     "negative_limit": summary["negative_limit"], "calibration": summary,
+                                     "seconds": round(time.perf_counter() - start, 1)}
+            if behavior in DEMO_METRIC and args.chat_check:
+                entry["chat_check"] = chat_check(engine, behavior, vectors[behavior], summary, args.conversations)
             results[behavior] = entry
-            vector.with_metadata(
-                recommended_layer=entry["layer"], recommended_multiplier=entry["multiplier"],
-                validation="split val, seed 0, fraction 0.2",
-            ).save(OUT / f"{behavior}.gguf", force=True)
+            calibrated(vectors[behavior], summary).save(OUT / f"{behavior}.gguf", force=True)
             write_json(results_path, results, force=True)
-            log(f"{behavior}: layer {entry['layer']}, multiplier {entry['multiplier']}")
+            log(f"{behavior}: layer {entry['layer']}, multiplier {entry['multiplier']}, "
+                f"negative limit {entry['negative_limit']}")
     write_text(OUT / "README.md", render_readme(results, args), force=True)
-
-
-def example_pair(rows: list[dict[str, Any]], multiplier: float) -> dict[str, str]:
-    prompt = rows[0]["prompt"]
-    answer = {r["multiplier"]: r["answer"] for r in rows if r["prompt"] == prompt}
-    return {"prompt": prompt, "unsteered": answer[0.0], "steered": answer[multiplier],
-            "multiplier": str(multiplier)}
 
 
 PAPER_NOTE = """\
@@ -221,15 +184,27 @@ native engine on the held-out validation split (seeded 80/20 split of each behav
 - **Demo behaviors** (`sentiment`, `formality`, `enthusiasm`): datasets written for this
   project (caa_local/data/demo) with stark contrasts a 135M model can represent, extracted
   with `--read answer-text` (the mean over the whole answer's tokens, not only its letter:
-  on this model the letter alone moves nothing visible), normalized across the three. The
-  layer and multiplier are chosen on open-ended answers to held-out prompts: the layer
-  (among the two best A/B layers) where a judge-free metric rises monotonically over the
-  most multipliers while the answers stay fluent (at most 20% degenerate answers, median
-  perplexity under the unsteered model at most 3x the unsteered answers'); the multiplier is
-  the positive one with the highest metric among the fluent ones.
+  on this model the letter alone moves nothing visible), normalized across the three.
 
-Each file records `recommended_layer` and `recommended_multiplier` in its metadata
-(`caa-local vector list`); `caa-local chat --vector sentiment` uses them.
+Every file is calibrated as `caa-local calibrate` does it (caa_local/eval/calibrate.py): the
+layer on held-out data (A/B p(match) on the validation split; for the demo behaviors a
+judge-free metric of greedy answers at the best A/B layers), then the strength with the
+chat's own sampling (temperature 0.7, top-p 0.95, repeat penalty 1.1) over {conversations}
+held-out three-turn conversations per multiplier (answers up to {max_tokens} tokens), going
+outwards from 0 until the guard fails: median perplexity of the answers under the
+unsteered model at most 2x the unsteered answers', no more broken turns than unsteered
+(a loop, a run, or one answer 6x the unsteered median perplexity) and 4-gram repetition at
+most 0.1 above. The recommended multiplier is the largest positive one that passes, the
+negative limit the largest negative one. `caa-local vector info NAME` shows the whole
+calibration (`caa.calibration`: curve, guard values, data, seed, model hash).
+
+**After gibberish, `/reset`.** `/unsteer` stops the steering from the next token (the engine
+re-decodes whatever the cache holds with other steering), but the conversation itself stays:
+if earlier answers were gibberish, the unsteered model continues them. Measured on this
+model: after two answers at `sentiment x8` + `formality x-3`, three unsteered answers kept the
+gibberish (perplexity 29, 2.0 and 1.7 under the unsteered model given that history: it
+copies), while the same questions in a fresh conversation got ordinary answers. `/reset`
+starts a fresh conversation (the system message is kept).
 
 ## A/B p(match) on validation questions at the recommended layer
 
@@ -253,33 +228,62 @@ caa-local eval ab --vector vectors-7b/sycophancy.gguf --dataset sycophancy --lay
 
 def render_readme(results: dict[str, Any], args: argparse.Namespace) -> str:
     command = f"scripts/make_vectors.py --train-limit {args.train_limit} --val-limit {args.val_limit}"
-    lines = [PAPER_NOTE.format(command=command, train=args.train_limit, val=args.val_limit).rstrip("\n") + "\n"]
+    lines = [PAPER_NOTE.format(command=command, train=args.train_limit, val=args.val_limit,
+                               conversations=args.conversations, max_tokens=args.max_tokens).rstrip("\n") + "\n"]
     lines += ["| behavior | layer | p(match) at -1 | at 0 | at +1 | questions |", "|---|---|---|---|---|---|"]
     for behavior in [*PAPER_BEHAVIORS, *DEMO_BEHAVIORS]:
-        if behavior not in results:
-            continue
-        entry = results[behavior]
-        p = {(r["layer"], r["multiplier"]): r["p_match"] for r in entry["sweep"]["rows"]}
-        layer = entry["layer"]
-        lines.append(f"| {behavior} | {layer} | {p[(layer, -1.0)]:.3f} | {p[(layer, 0.0)]:.3f} | "
-                     f"{p[(layer, 1.0)]:.3f} | {entry['sweep']['n']} |")
+        entry = results.get(behavior)
+        if entry and "sweep" in entry and entry["layer"] == entry["sweep"].get("layer", entry["layer"]):
+            p = {(r["layer"], r["multiplier"]): r["p_match"] for r in entry["sweep"]["rows"]}
+            layer = entry["layer"]
+            if (layer, 1.0) in p:
+                lines.append(f"| {behavior} | {layer} | {p[(layer, -1.0)]:.3f} | {p[(layer, 0.0)]:.3f} | "
+                             f"{p[(layer, 1.0)]:.3f} | {entry['sweep']['n']} |")
     for behavior in DEMO_BEHAVIORS:
         entry = results.get(behavior)
-        if not entry or "curves" not in entry:
-            continue
-        metric, span, example = entry["metric"], entry["span"], entry["examples"]
-        lines += ["", f"## {behavior}: layer {entry['layer']}, multipliers {span[0]:+g} .. {span[-1]:+g}", "",
-                  f"Mean `{metric}` metric (caa_local/metrics.py) of greedy answers to "
-                  f"{entry['curves'][str(entry['layer'])][0]['n']} held-out prompts; monotone and fluent over "
-                  f"{span[0]:+g} .. {span[-1]:+g}; recommended multiplier {entry['multiplier']:+g} (the strongest fluent one).", "",
-                  f"| multiplier | {metric} | degenerate | perplexity |", "|---|---|---|---|"]
-        for s in entry["curves"][str(entry["layer"])]:
-            lines.append(f"| {s['multiplier']:+g} | {s[metric]:.3f} | {s['degenerate']:.2f} | "
-                         f"{s.get('perplexity', float('nan')):.1f} |")
-        lines += ["", f"> **{example['prompt']}**", ">", f"> unsteered: {example['unsteered']}", ">",
-                  f"> steered x{float(example['multiplier']):+g}: {example['steered']}"]
+        if entry and "calibration" in entry:
+            lines += demo_section(behavior, entry)
     lines.append(SEVEN_B)
     return "\n".join(lines) + "\n"
+
+
+def demo_section(behavior: str, entry: dict[str, Any]) -> list[str]:
+    cal = entry["calibration"]
+    metric, neg, pos = cal["metric"], cal["negative_limit"], cal["recommended_multiplier"]
+    span = f"{neg:+g} .. {pos:+g}" if neg is not None else f"0 .. {pos:+g}"
+    choice = cal["layer_choice"]
+    how = (f"Layer {cal['layer']} kept from the file (chosen by an earlier run on greedy `{metric}` curves at the "
+           "two best A/B layers; `--keep-layers`)." if choice["method"] == "given" else
+           f"Layer {cal['layer']} by `{metric}` of greedy answers at x-1/x+1 on {choice['n']} held-out prompts "
+           f"among the best A/B layers ({_scores(choice['scores'])}).")
+    lines = ["", f"## {behavior}: layer {cal['layer']}, multipliers {span}", "",
+             f"{how} Strength: {cal['conversations']} conversations x {cal['turns']} turns per multiplier "
+             f"({cal['n']} answers), chat sampling; calibration took {entry['seconds']:.0f} s on the 2-core dev machine.", "",
+             f"| multiplier | {metric} | perplexity ratio | broken turns | repetition | guard |", "|---|---|---|---|---|---|"]
+    for point in cal["curve"]:
+        verdict = "passes" if point["passed"] else "fails: " + "; ".join(point["failures"])
+        lines.append(f"| {point['multiplier']:+g} | {point.get('metric', float('nan')):.3f} | "
+                     f"{point['perplexity_ratio']:.2f} | {point['broken']:.0%} | {point['repetition']:.2f} | {verdict} |")
+    check = entry.get("chat_check")
+    if check:
+        by = {p["multiplier"]: p for p in check["points"]}
+        zero, top = by[0.0], by[pos]
+        lines += ["", f"At the chat's full default sampling (answers up to 256 tokens, other seeds), on "
+                  f"{check['conversations']} held-out three-turn conversations: `{metric}` {zero['metric']:.3f} "
+                  f"unsteered, {top['metric']:.3f} at x{pos:+g}; broken turns {zero['broken']:.0%} unsteered, "
+                  f"{top['broken']:.0%} at x{pos:+g} (degenerate: {top['degenerate']:.0%})."]
+    examples = {p["multiplier"]: p["example"] for p in cal["curve"]}
+    lines += ["", "> last turn of the last conversation", ">", f"> unsteered: {_one_line(examples[0.0])}", ">",
+              f"> x{pos:+g}: {_one_line(examples[pos])}"]
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _scores(scores: dict[str, Any]) -> str:
+    return ", ".join(f"layer {k}: {v:+.3f}" if v is not None else f"layer {k}: degenerate" for k, v in scores.items())
 
 
 if __name__ == "__main__":

@@ -83,10 +83,13 @@ def steer_all(engine: Any, loaded: Sequence[tuple[str, Any, float]], layers: str
               force: bool = False) -> None:
     """Steer with every loaded vector (on ``layers`` if given)."""
     from caa_local.core.layers import parse_layer_spec
+    from caa_local.core.vector import no_layer_warning
 
     layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
     for name, vector, scale in loaded:
         engine.steer(name, vector, scale, layer_list, force)
+        if layer_list is None and (warning := no_layer_warning(name, vector, scale)):
+            warn(warning)
 
 
 def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],

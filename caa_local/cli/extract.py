@@ -28,8 +28,11 @@ from caa_local.core.errors import CaaError
 @click.option("dtype", "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="Torch dtype for the model.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("run_calibrate", "--calibrate", is_flag=True,
+              help="Then run a quick `caa-local calibrate` on the GGUF model (needs a .gguf --model or the default).")
 def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: int, limit: int | None,
-            part: str, layers_spec: str, read: str, device: str, dtype: str, force: bool) -> None:
+            part: str, layers_spec: str, read: str, device: str, dtype: str, force: bool,
+            run_calibrate: bool) -> None:
     """Extract a CAA vector from DATASET (a behavior name or an A/B JSON file).
 
     \b
@@ -44,6 +47,9 @@ def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: i
     data = load_ab(dataset)
     out = out or Path(f"{data.name}.gguf")
     check_writable(out, force)
+    if run_calibrate and model_ref is not None and not model_ref.endswith(".gguf"):
+        raise CaaError(f"--calibrate steers a GGUF model with the native engine; {model_ref} is not one "
+                       f"(extract, then run `caa-local calibrate {out} --model MODEL.gguf`)")
     items = split(data.items, part)[:limit]
     try:
         from caa_local.torch.extract import extract as run_extract
@@ -59,6 +65,24 @@ def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: i
     vector = vector.with_metadata(split=part, dataset=str(data.path.name))
     vector.save(out, force=force)
     click.echo(f"wrote {out}: layers {vector.metadata['layers']}, {vector.metadata['n_pairs']} pairs")
+    model_option = f" --model {model_ref}" if model_ref else ""
+    if not run_calibrate:
+        click.echo(f"next: `caa-local calibrate {out}{model_option}` chooses its layer and multiplier "
+                   "(until then chat and generate steer every layer at x1)", err=True)
+        return
+    from caa_local.cli import open_engine
+    from caa_local.cli.calibrate import calibration_settings, run_calibration
+    from caa_local.eval.calibrate import load_data
+
+    del model, tokenizer  # the native engine takes over; free the torch copy first
+    settings = calibration_settings(True, metric=_metric_for(data.name))
+    calibration_data = load_data(data.name, dataset, settings)
+    engine = open_engine(Path(model_ref) if model_ref else None, 4096, 0, 0)
+    run_calibration(out, None, force, engine, settings, calibration_data)
+
+
+def _metric_for(behavior: str) -> str:
+    return behavior if behavior in ("sentiment", "formality", "enthusiasm") else "p_match"
 
 
 @click.command(name="normalize")

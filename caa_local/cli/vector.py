@@ -74,10 +74,16 @@ def vector_combine(terms: tuple[str, ...], out: Path, layers_spec: str | None, f
     check_writable(out, force)
     parsed = [split_vector_spec(term) for term in terms]  # every scale checked before any file is read
     total = None
+    calibrated = False
     for name, scale in parsed:
-        vec = load_vector(name)[1] * (1.0 if scale is None else scale)
+        vec = load_vector(name)[1]
+        calibrated = calibrated or vec.calibration() is not None
+        vec = vec * (1.0 if scale is None else scale)  # a calibration follows a single term's scale
         total = vec if total is None else total + vec
     assert total is not None
+    if calibrated and total.calibration() is None:
+        click.echo("Note: the calibration of the inputs does not hold for their sum and was dropped "
+                   f"(run `caa-local calibrate {out}`)", err=True)
     if layers_spec:
         total = total.only(parse_layer_spec(layers_spec))
     total.with_metadata(combined_from=" + ".join(terms)).save(out, force=force)

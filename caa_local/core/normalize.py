@@ -56,6 +56,18 @@ def normalize(vectors: Mapping[str, ControlVector]) -> dict[str, ControlVector]:
         out[name] = ControlVector(
             vec.model_hint,
             scaled,
-            {**vec.metadata, "normalization": "cross-behavior", "normalized_with": behaviors},
+            {**_rescaled_metadata(vec, target), "normalization": "cross-behavior", "normalized_with": behaviors},
         )
     return out
+
+
+def _rescaled_metadata(vec: ControlVector, target: Mapping[int, float]) -> dict[str, str]:
+    """A calibrated multiplier holds at its layer after rescaling by that layer's factor.
+
+    Without a recommended layer the layers' factors differ, and the calibration is dropped.
+    """
+    layer = vec.recommended_layer()
+    norm = float(np.linalg.norm(vec.directions[layer].astype(np.float64))) if layer in vec.directions else 0.0
+    if layer is None or norm == 0.0:
+        return vec.rescaled_metadata(0.0)
+    return vec.rescaled_metadata(float(target[layer]) / norm)

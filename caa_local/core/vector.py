@@ -9,6 +9,7 @@ numpy + gguf only: loading a vector never imports torch.
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import numbers
@@ -16,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +33,8 @@ KEY_LAYER_COUNT = "controlvector.layer_count"
 META_PREFIX = "caa."
 MAX_FILE_BYTES = 1 << 30  # 1 GiB: far above any real vector (a 70B model's is ~2 MiB)
 MAX_N_EMBD = 1 << 16
+# Metadata that holds only for this vector at its present scale (written by `caa-local calibrate`).
+CALIBRATION_KEYS = ("recommended_multiplier", "negative_multiplier_limit", "calibration")
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +127,21 @@ class ControlVector:
             return None
         return value if math.isfinite(value) else None
 
+    def negative_multiplier_limit(self) -> float | None:
+        try:
+            value = float(self.metadata.get("negative_multiplier_limit", ""))
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value < 0 else None
+
+    def calibration(self) -> dict[str, Any] | None:
+        """The ``caa.calibration`` summary (JSON written by `caa-local calibrate`), or None."""
+        try:
+            value = json.loads(self.metadata.get("calibration", ""))
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
     def check_fits(self, n_embd: int, n_layer: int, where: str = "vector") -> None:
         """Raise ModelMismatchError unless every layer and its length fit the model."""
         if self.n_embd != n_embd:
@@ -146,6 +165,39 @@ class ControlVector:
 
     def with_metadata(self, **updates: object) -> "ControlVector":
         return ControlVector(self.model_hint, self.directions, {**self.metadata, **{k: str(v) for k, v in updates.items()}})
+
+    def rescaled_metadata(self, factor: float) -> dict[str, str]:
+        """Metadata for this vector multiplied by ``factor``: the recommended multipliers divide by it.
+
+        A multiplier x on the old vector steers like x / factor on the new one, so the
+        calibration still holds; its curve is re-labelled (a negative factor swaps the two
+        sides). A factor of 0 drops the calibration.
+        """
+        meta = dict(self.metadata)
+        if factor == 1.0 or not any(k in meta for k in CALIBRATION_KEYS):
+            return meta
+        for key in CALIBRATION_KEYS:
+            meta.pop(key, None)
+        if factor == 0 or not math.isfinite(factor):
+            return meta
+        positive = self.recommended_multiplier()
+        negative = self.negative_multiplier_limit()
+        moved = [m / factor for m in (positive, negative) if m is not None]
+        new_pos = next((m for m in moved if m > 0), None)
+        new_neg = next((m for m in moved if m < 0), None)
+        if new_pos is not None:
+            meta["recommended_multiplier"] = f"{new_pos:.6g}"
+        if new_neg is not None:
+            meta["negative_multiplier_limit"] = f"{new_neg:.6g}"
+        summary = self.calibration()
+        if summary is not None:
+            for point in summary.get("curve", []):
+                if isinstance(point.get("multiplier"), (int, float)):
+                    point["multiplier"] = point["multiplier"] / factor
+            summary.update(recommended_multiplier=new_pos, positive_limit=new_pos, negative_limit=new_neg,
+                           rescaled_by=summary.get("rescaled_by", 1.0) * factor)
+            meta["calibration"] = json.dumps(summary, separators=(",", ":"))
+        return meta
 
     def _combine(self, other: object, sign: float) -> "ControlVector":
         if not isinstance(other, ControlVector):
@@ -172,7 +224,8 @@ class ControlVector:
             return NotImplemented
         factor = np.float32(scale)
         return ControlVector(
-            self.model_hint, {l: v * factor for l, v in self.directions.items()}, self.metadata
+            self.model_hint, {l: v * factor for l, v in self.directions.items()},
+            self.rescaled_metadata(float(scale)),
         )
 
     __rmul__ = __mul__
@@ -184,7 +237,8 @@ class ControlVector:
             raise ZeroDivisionError("cannot divide a control vector by zero")
         divisor = np.float32(scale)
         return ControlVector(
-            self.model_hint, {l: v / divisor for l, v in self.directions.items()}, self.metadata
+            self.model_hint, {l: v / divisor for l, v in self.directions.items()},
+            self.rescaled_metadata(1.0 / float(scale)),
         )
 
     def __neg__(self) -> "ControlVector":
@@ -219,6 +273,18 @@ class ControlVector:
             return _read(path)
         except VectorFileError as err:
             raise VectorFileError(f"{path}: {err}") from None
+
+
+def no_layer_warning(name: str, vector: ControlVector, scale: float) -> str | None:
+    """The one-line warning for steering a vector that records no recommended layer, or None.
+
+    Such a vector steers every layer it holds (llama.cpp's behaviour), usually far too strong.
+    """
+    layer = vector.recommended_layer()
+    if layer is not None and layer in vector.directions:
+        return None
+    return (f"Warning: {name} records no recommended layer: steering all its {len(vector.layers)} layers "
+            f"({_span(vector.layers)}) at x{scale:g} (choose with `caa-local calibrate`, or pass --layers)")
 
 
 def _span(layers: list[int]) -> str:
