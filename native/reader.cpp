@@ -12,8 +12,6 @@ namespace caa {
 
 namespace {
 
-constexpr uint32_t kLlamaMaxSeq = 256; // LLAMA_MAX_SEQ in llama.cpp
-
 bool read_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * probe = static_cast<ReadProbe *>(user_data);
     const char * name = ggml_get_name(t);
@@ -71,15 +69,15 @@ void add_token(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_
 
 Reader::Reader(const Session & session, std::vector<llama_token> prefix, std::vector<int32_t> layers,
                int32_t max_pairs, int32_t max_len)
-    : session_(session), prefix_(std::move(prefix)), layers_(std::move(layers)), max_pairs_(max_pairs),
+    : model_(session.shared_model()), prefix_(std::move(prefix)), layers_(std::move(layers)), max_pairs_(max_pairs),
       max_len_(max_len), n_batch_(std::max<uint32_t>(session.n_batch(), 64)) {
-    const int32_t n_layer = session.n_layer();
+    const int32_t n_layer = model_->n_layer();
     if (layers_.empty() || max_pairs < 1 || max_len < 2) {
         throw std::invalid_argument("reader needs layers, max_pairs >= 1 and max_len >= 2");
     }
-    if (static_cast<uint32_t>(max_pairs) + 1 > kLlamaMaxSeq) {
+    if (static_cast<uint32_t>(max_pairs) + 1 > kMaxSequences) {
         throw std::invalid_argument(std::to_string(max_pairs) + " pairs exceed llama.cpp's " +
-                                    std::to_string(kLlamaMaxSeq - 1) + " sequences beside the prefix");
+                                    std::to_string(kMaxSequences - 1) + " sequences beside the prefix");
     }
     if (prefix_.size() >= static_cast<size_t>(max_len)) {
         throw std::invalid_argument("prefix of " + std::to_string(prefix_.size()) + " tokens leaves no room in " +
@@ -98,18 +96,14 @@ Reader::Reader(const Session & session, std::vector<llama_token> prefix, std::ve
         probe_.layer_slot[il] = static_cast<int32_t>(i);
     }
     outputs_needed_ = probe_.layer_slot[n_layer - 1] >= 0;
-    probe_.n_embd = session.n_embd();
-    for (llama_token t : prefix_) {
-        if (t < 0 || t >= session.n_vocab()) {
-            throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
-        }
-    }
+    probe_.n_embd = model_->n_embd();
+    model_->check_tokens(prefix_);
     // One KV stream per pair plus one for the prefix (the last sequence id).
     const uint32_t n_seq = static_cast<uint32_t>(max_pairs) + 1;
     const size_t per_seq = (static_cast<size_t>(max_len) + 1 + 255) / 256 * 256;
-    ctx_ = make_context(session.model(), static_cast<uint32_t>(per_seq * n_seq), n_batch_, n_seq, session.n_threads(),
+    ctx_ = make_context(*model_, static_cast<uint32_t>(per_seq * n_seq), n_batch_, n_seq, session.n_threads(),
                         read_callback, &probe_);
-    apply_steering(ctx_.get(), Steering{}, session.n_embd());
+    apply_steering(ctx_.get(), Steering{}, model_->n_embd());
     BatchPtr holder(static_cast<int32_t>(n_batch_));
     static const std::vector<ReadPick> none;
     for (size_t i = 0; i < prefix_.size();) {
@@ -172,16 +166,12 @@ std::vector<float> Reader::read(const std::vector<std::vector<llama_token>> & se
                 throw std::invalid_argument(where + "read span " + std::to_string(n_read[2 * p + k]) + " outside 1.." +
                                             std::to_string(seq.size() - g));
             }
-            for (llama_token t : seq) {
-                if (t < 0 || t >= session_.n_vocab()) {
-                    throw std::out_of_range(where + "token " + std::to_string(t) + " is not in the vocabulary");
-                }
-            }
+            model_->check_tokens(seq);
         }
     }
 
     const size_t n_layers = layers_.size();
-    const size_t n_embd = static_cast<size_t>(session_.n_embd());
+    const size_t n_embd = static_cast<size_t>(model_->n_embd());
     std::vector<float> out(n_pairs * 2 * n_layers * n_embd, 0.0f);
     llama_memory_t mem = llama_get_memory(ctx_.get());
     BatchPtr holder(static_cast<int32_t>(n_batch_));

@@ -35,6 +35,7 @@ struct ReadProbe {
 
 class Reader {
   public:
+    // A context of its own on `session`'s model (and thread count).
     // prefix: tokens every sequence starts with (may be empty); decoded here, once.
     // layers: blocks whose outputs are read (l_out-N, N in 0..n_layer-1), in output order.
     // max_pairs: pairs decoded side by side (one KV stream each); max_len: most tokens of
@@ -60,7 +61,7 @@ class Reader {
     // batch order) and adds the picked rows into `out`.
     void decode(llama_batch & batch, const std::vector<ReadPick> & picks, float * out);
 
-    const Session & session_;
+    SharedModel model_; // shared with the session it was made from; the context is its own
     std::vector<llama_token> prefix_;
     std::vector<int32_t> layers_;
     int32_t max_pairs_;

@@ -11,7 +11,7 @@ using namespace nb::literals;
 void bind_reader(nb::module_ & m) {
     nb::class_<caa::Reader>(m, "Reader")
         .def(nb::init<const caa::Session &, std::vector<llama_token>, std::vector<int32_t>, int32_t, int32_t>(),
-             "session"_a, "prefix"_a, "layers"_a, "max_pairs"_a, "max_len"_a, nb::keep_alive<1, 2>(),
+             "session"_a, "prefix"_a, "layers"_a, "max_pairs"_a, "max_len"_a,
              nb::call_guard<nb::gil_scoped_release>(),
              "A context of its own on the session's model, with `prefix` (the tokens every prompt starts "
              "with) decoded once; reads the outputs of blocks `layers` (l_out-N).")

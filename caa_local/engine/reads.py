@@ -42,8 +42,8 @@ Progress = Callable[[int], None]
 
 def _max_pairs(engine: Engine, batch_size: int, max_len: int, kv_budget_bytes: int) -> int:
     """Pairs decoded side by side: ``batch_size``, as far as their KV streams fit the budget."""
-    n_head = int(engine.session.meta(f"{engine.architecture}.attention.head_count") or 1)
-    n_head_kv = int(engine.session.meta(f"{engine.architecture}.attention.head_count_kv") or n_head)
+    n_head = int(engine.meta(f"{engine.architecture}.attention.head_count") or 1)
+    n_head_kv = int(engine.meta(f"{engine.architecture}.attention.head_count_kv") or n_head)
     kv_dim = engine.n_embd * n_head_kv // max(n_head, 1)
     stream_bytes = (max_len + 1 + 255) // 256 * 256 * engine.n_layer * 2 * kv_dim * 2  # f16 K and V
     fit = kv_budget_bytes // max(stream_bytes, 1) - 1  # one stream holds the common prefix
@@ -60,13 +60,13 @@ def read_pairs(engine: Engine, pairs: Sequence[Pair], layers: Sequence[int], bat
         raise CaaError("extraction needs at least one A/B pair")
     seqs = [s for p in pairs for s in p.seqs]
     max_len = max(len(s) for s in seqs)
-    if max_len > engine.session.n_ctx:
-        raise CaaError(f"a prompt of {max_len} tokens does not fit the context of {engine.session.n_ctx}")
+    if max_len > engine.n_ctx:
+        raise CaaError(f"a prompt of {max_len} tokens does not fit the context of {engine.n_ctx} (use --ctx)")
     # Decoded once for all: the tokens every prompt starts with, up to the first read position.
     first_read = min(len(s) - n for p in pairs for s, n in zip(p.seqs, p.n_read))
     prefix = seqs[0][: common_length(seqs, min(first_read, *(p.shared for p in pairs)))]
     max_pairs = _max_pairs(engine, batch_size, max_len, kv_budget_bytes)
-    reader = _native.Reader(engine.session, prefix, list(layers), max_pairs, max_len)
+    reader = _native.Reader(engine._session, prefix, list(layers), max_pairs, max_len)
     for start in range(0, len(pairs), max_pairs):
         chunk = pairs[start : start + max_pairs]
         out = reader.read([s for p in chunk for s in p.seqs], [p.shared for p in chunk],
@@ -94,7 +94,7 @@ def extract(engine: Engine, items: Sequence[ABItem], batch_size: int = 8, layers
     return make_vector(
         acc, chosen, engine.architecture, read, behavior=behavior, dataset_sha256=dataset_sha256,
         model=engine.model_path.name, model_sha256=cached_sha256(engine.model_path), backend="native",
-        quantization=quantization_name(engine.session.meta("general.file_type")),
+        quantization=quantization_name(engine.meta("general.file_type")),
     )
 
 
