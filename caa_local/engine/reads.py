@@ -51,17 +51,20 @@ def _max_pairs(engine: Engine, batch_size: int, max_len: int, kv_budget_bytes: i
 
 
 def read_pairs(engine: Engine, pairs: Sequence[Pair], layers: Sequence[int], batch_size: int = 8,
-               progress: Progress | None = None, kv_budget_bytes: int = KV_BUDGET_BYTES) -> Iterator[Reads]:
+               progress: Progress | None = None, n_ctx: int = 4096,
+               kv_budget_bytes: int = KV_BUDGET_BYTES) -> Iterator[Reads]:
     """(item indices, matching reads, not-matching reads) per batch of ``batch_size`` pairs;
-    reads are (n, len(layers), n_embd), the mean block output over each prompt's read span."""
+    reads are (n, len(layers), n_embd), the mean block output over each prompt's read span.
+    The reader has a context of its own (``n_ctx``: the longest prompt allowed), so the
+    engine's own context may be small."""
     if batch_size < 1:
         raise CaaError(f"batch size {batch_size}: expected 1 or more")
     if not pairs:
         raise CaaError("extraction needs at least one A/B pair")
     seqs = [s for p in pairs for s in p.seqs]
     max_len = max(len(s) for s in seqs)
-    if max_len > engine.n_ctx:
-        raise CaaError(f"a prompt of {max_len} tokens does not fit the context of {engine.n_ctx} (use --ctx)")
+    if max_len > n_ctx:
+        raise CaaError(f"a prompt of {max_len} tokens does not fit the context of {n_ctx} (use --ctx)")
     # Decoded once for all: the tokens every prompt starts with, up to the first read position.
     first_read = min(len(s) - n for p in pairs for s, n in zip(p.seqs, p.n_read))
     prefix = seqs[0][: common_length(seqs, min(first_read, *(p.shared for p in pairs)))]
@@ -84,12 +87,12 @@ def _prepare(engine: Engine, items: Sequence[ABItem], layers: Sequence[int] | No
 
 def extract(engine: Engine, items: Sequence[ABItem], batch_size: int = 8, layers: Sequence[int] | None = None,
             read: str = "answer-letter", progress: Progress | None = None, *, behavior: str = "",
-            dataset_sha256: str = "") -> ControlVector:
+            dataset_sha256: str = "", n_ctx: int = 4096) -> ControlVector:
     """A CAA vector from the engine's own GGUF: per layer, the mean over pairs of
     act(matching) - act(not matching). ``layers`` defaults to every steerable layer."""
     chosen, pairs = _prepare(engine, items, layers, read)
     acc = MeanDifference()
-    for _index, pos, neg in read_pairs(engine, pairs, chosen, batch_size, progress):
+    for _index, pos, neg in read_pairs(engine, pairs, chosen, batch_size, progress, n_ctx):
         acc.add(pos, neg)
     return make_vector(
         acc, chosen, engine.architecture, read, behavior=behavior, dataset_sha256=dataset_sha256,
@@ -99,12 +102,12 @@ def extract(engine: Engine, items: Sequence[ABItem], batch_size: int = 8, layers
 
 
 def example_activations(engine: Engine, items: Sequence[ABItem], layers: Sequence[int], batch_size: int = 8,
-                        read: str = "answer-letter") -> dict[str, npt.NDArray[np.float32]]:
+                        read: str = "answer-letter", n_ctx: int = 4096) -> dict[str, npt.NDArray[np.float32]]:
     """Per-example block outputs at the read position, in the items' order: "matching" and
     "not_matching", each (n_items, len(layers), n_embd)."""
     chosen, pairs = _prepare(engine, items, layers, read)
     shape = (len(items), len(chosen), engine.n_embd)
     pos, neg = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
-    for index, p, n in read_pairs(engine, pairs, chosen, batch_size):
+    for index, p, n in read_pairs(engine, pairs, chosen, batch_size, None, n_ctx):
         pos[index], neg[index] = p, n
     return {"matching": pos, "not_matching": neg}
