@@ -165,3 +165,12 @@ def test_cli_native_extraction_imports_no_torch(tmp_path: Path) -> None:
 
     vector = ControlVector.load(out)
     assert vector.layers == [5, 6] and vector.metadata["backend"] == "native"
+
+
+def test_analyze_pca_runs_native(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    grid = tmp_path / "pca.png"
+    code, stdout, err = run_cli(capsys, "analyze", "pca", "--dataset", "sentiment", "--layers", "2,15",
+                                "--limit", "6", "--threads", "2", "--out", str(grid))
+    assert code == 0, err
+    assert "(native)" in stdout and "pair accuracy" in stdout
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
