@@ -40,13 +40,18 @@ Reads = tuple[list[int], npt.NDArray[np.float32], npt.NDArray[np.float32]]  # it
 Progress = Callable[[int], None]
 
 
-def _max_pairs(engine: Engine, batch_size: int, max_len: int, kv_budget_bytes: int) -> int:
-    """Pairs decoded side by side: ``batch_size``, as far as their KV streams fit the budget."""
+def stream_bytes(engine: Engine, max_len: int) -> int:
+    """KV cache of one reader stream holding prompts of up to ``max_len`` tokens (f16 K and V)."""
     n_head = int(engine.meta(f"{engine.architecture}.attention.head_count") or 1)
     n_head_kv = int(engine.meta(f"{engine.architecture}.attention.head_count_kv") or n_head)
     kv_dim = engine.n_embd * n_head_kv // max(n_head, 1)
-    stream_bytes = (max_len + 1 + 255) // 256 * 256 * engine.n_layer * 2 * kv_dim * 2  # f16 K and V
-    fit = kv_budget_bytes // max(stream_bytes, 1) - 1  # one stream holds the common prefix
+    return (max_len + 1 + 255) // 256 * 256 * engine.n_layer * 2 * kv_dim * 2
+
+
+def max_pairs(engine: Engine, batch_size: int, max_len: int, kv_budget_bytes: int = KV_BUDGET_BYTES) -> int:
+    """Pairs decoded side by side: ``batch_size``, as far as their KV streams fit the budget
+    (one stream more holds the common prefix)."""
+    fit = kv_budget_bytes // max(stream_bytes(engine, max_len), 1) - 1
     return max(1, min(batch_size, fit, _native.LLAMA_MAX_SEQ - 1))
 
 
@@ -68,10 +73,10 @@ def read_pairs(engine: Engine, pairs: Sequence[Pair], layers: Sequence[int], bat
     # Decoded once for all: the tokens every prompt starts with, up to the first read position.
     first_read = min(len(s) - n for p in pairs for s, n in zip(p.seqs, p.n_read))
     prefix = seqs[0][: common_length(seqs, min(first_read, *(p.shared for p in pairs)))]
-    max_pairs = _max_pairs(engine, batch_size, max_len, kv_budget_bytes)
-    reader = _native.Reader(engine._session, prefix, list(layers), max_pairs, max_len)
-    for start in range(0, len(pairs), max_pairs):
-        chunk = pairs[start : start + max_pairs]
+    side_by_side = max_pairs(engine, batch_size, max_len, kv_budget_bytes)
+    reader = _native.Reader(engine._session, prefix, list(layers), side_by_side, max_len)
+    for start in range(0, len(pairs), side_by_side):
+        chunk = pairs[start : start + side_by_side]
         out = reader.read([s for p in chunk for s in p.seqs], [p.shared for p in chunk],
                           [n for p in chunk for n in p.n_read])
         yield [p.index for p in chunk], out[:, 0], out[:, 1]
