@@ -56,7 +56,7 @@ def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> Non
 @click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
               help="native: context size in tokens (bounds the longest prompt).")
 @click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
-              help="native: CPU threads (0, the default: all cores).")
+              help="CPU threads (0, the default: all cores; torch: its own default).")
 @click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
               help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
@@ -94,6 +94,10 @@ def extract(ctx: click.Context, dataset: str, model_ref: str | None, backend: st
         except ImportError as err:
             raise CaaError(f"--backend torch needs torch and transformers: pip install 'caa-local[extract]' "
                            f"({err}); or use --backend native with a GGUF") from None
+        if n_threads:
+            import torch
+
+            torch.set_num_threads(n_threads)
         model, tokenizer, info = load_hf(model_ref, device=device, dtype=dtype)
         layers = parse_layer_spec(layers_spec, info.n_layer)
         click.echo(f"backend: torch (transformers, {dtype}); {info.name}: {info.n_layer} blocks, "
