@@ -21,7 +21,9 @@ def resolve_backend(backend: str, model_ref: str | None) -> str:
     if path is not None and not path.is_file():
         if backend == "auto" and (path.is_dir() or not model_ref.endswith(".gguf")):
             return "torch"
-        what = "a directory" if path.is_dir() else "not a file"
+        if model_ref.endswith(".gguf") and not path.exists():
+            raise CaaError(f"{model_ref}: no such model file")
+        what = "a directory" if path.is_dir() else "not a file (a hub id?)"
         raise CaaError(f"{model_ref}: --backend native needs a .gguf file, this is {what} "
                        "(use --backend torch for Hugging Face models)")
     return "native"
