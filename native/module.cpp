@@ -60,6 +60,8 @@ nb::ndarray<nb::numpy, T> to_numpy(std::vector<T> && values, std::initializer_li
 
 } // namespace
 
+void bind_reader(nb::module_ & m); // reader_bindings.cpp
+
 NB_MODULE(_native, m) {
     m.doc() = "caa-local's llama.cpp engine: steered generation and batched scoring";
     nb::exception<caa::ContextFullError>(m, "ContextFullError", PyExc_RuntimeError);
@@ -213,4 +215,5 @@ NB_MODULE(_native, m) {
              "continuations"_a, "n_scored"_a, "buf"_a = nb::none(), "il_start"_a = -1, "il_end"_a = -1,
              "Summed log-probabilities of the last n_scored tokens of each continuation, all decoded "
              "with the given steering (None: unsteered). Returns (n_questions, n_options).");
+    bind_reader(m);
 }

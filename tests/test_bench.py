@@ -17,10 +17,13 @@ from caa_local.core.errors import CaaError
 from conftest import run_cli
 
 RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python", "decode_native_vs_transformers",
-              "prefill_native_vs_llama_cpp_python", "ab_sweep_reuse_vs_naive", "extract_batched_vs_loop")
-VALUE_ROWS = ("chat_startup_s", "steer_change_ms", "peak_rss_generate_mib", "peak_rss_extract_mib")
+              "prefill_native_vs_llama_cpp_python", "ab_sweep_reuse_vs_naive", "extract_batched_vs_loop",
+              "extract_native_vs_torch")
+VALUE_ROWS = ("chat_startup_s", "steer_change_ms", "peak_rss_generate_mib", "peak_rss_extract_mib",
+              "peak_rss_extract_native_mib")
 WHERE = {"cpu": "Test CPU 9000", "cores": 2, "threads": 2}
-FACTS = {"rss_budget_mib": 190.0, "n_ctx": 4096, "gguf_mib": 20.0, "kv_cache_mib": 20.0}
+FACTS = {"rss_budget_mib": 190.0, "n_ctx": 4096, "gguf_mib": 20.0, "kv_cache_mib": 20.0,
+         "rss_extract_native_budget_mib": 300.0, "extract_kv_mib": 50.0}
 
 
 def made_up_rows() -> list[dict[str, object]]:
@@ -45,6 +48,8 @@ def test_rows_carry_medians_ratios_ranges_and_targets() -> None:
     rss = rows["peak_rss_generate_mib"]
     assert rss["target"] == 190.0 and rss["met"] is False and "GGUF 20 MiB" in rss["note"]
     assert rows["peak_rss_extract_mib"]["met"] is None
+    native_rss = rows["peak_rss_extract_native_mib"]  # at most the budget and a third of torch's peak
+    assert native_rss["target"] == pytest.approx(1.2 / 3) and native_rss["met"] is False
     assert all(row["cpu"] == "Test CPU 9000" and row["threads"] == 2 for row in rows.values())
 
 

@@ -168,7 +168,7 @@ def test_analyze_pca(capsys: pytest.CaptureFixture[str], tmp_path: Path, hf_mode
     torch.set_num_threads(int(THREADS[1]))  # spinning threads stall on a shared CPU
     try:
         code, stdout, err = run_cli(capsys, "analyze", "pca", "--dataset", "sentiment", "--layers", "2,15",
-                                "--limit", "6", "--out", str(grid))
+                                "--limit", "6", "--backend", "torch", "--out", str(grid))
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err

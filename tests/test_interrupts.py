@@ -120,11 +120,13 @@ def test_eval_ab_interrupted(vector_file: Path, out_file: tuple[Path, bytes | No
     check_output(out, before)
 
 
-@pytest.mark.torch
-def test_extract_interrupted(out_file: tuple[Path, bytes | None, list[str]]) -> None:
-    pytest.importorskip("torch")
+@pytest.mark.parametrize("backend", ["native", pytest.param("torch", marks=pytest.mark.torch)])
+def test_extract_interrupted(out_file: tuple[Path, bytes | None, list[str]], backend: str) -> None:
+    if backend == "torch":
+        pytest.importorskip("torch")
     out, before, force = out_file
-    child = Child("extract", "sentiment", "--limit", "40", "--batch-size", "2", "-o", str(out), *force)
+    child = Child("extract", "sentiment", "--limit", "40", "--batch-size", "2", "--backend", backend,
+                  "--threads", THREADS, "-o", str(out), *force)
     child.wait_for(lambda c: "pairs of sentiment" in "".join(c.err))  # the model is loaded
     time.sleep(1.0)  # into the forward passes
     code, _, err = child.interrupt()

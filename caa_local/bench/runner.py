@@ -60,6 +60,14 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "fresh process generating with n_ctx {n_ctx}; target: GGUF {gguf_mib:.0f} MiB + KV cache "
         "{kv_cache_mib:.0f} MiB + 150 MiB"),
     "peak_rss_extract_mib": ("MiB", None, None, "fresh process: load the model in transformers, extract"),
+    "extract_native_vs_torch": (
+        "pairs/s", ">=", 1.0,
+        "{extract_pairs} pairs: extract --backend native (llama.cpp on the GGUF) vs the torch path's "
+        "batched extraction (transformers fp32 on the same GGUF), same threads"),
+    "peak_rss_extract_native_mib": (
+        "MiB", "<=", None,
+        "fresh process: extract --backend native; target: GGUF + its KV cache ({extract_kv_mib:.0f} MiB) "
+        "+ 200 MiB, and under a third of peak_rss_extract_mib"),
 }
 REQUIRED = tuple(name for name in SPECS if name != "ab_sweep_reuse_vs_batched_redecode")
 WORKER_TIMEOUT_S = 1800
@@ -107,7 +115,8 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
     facts: dict[str, Any] = {}
     steps = [("native", "decode, prefill, A/B sweep, multiplier change (llama.cpp, llama-cpp-python)"),
              ("torch", "decode vs transformers, extraction batched vs loop"),
-             ("rss_generate", "peak RSS of generation"), ("rss_extract", "peak RSS of extraction")]
+             ("rss_generate", "peak RSS of generation"), ("rss_extract", "peak RSS of extraction"),
+             ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction")]
     for group, what in steps:
         echo(f"bench: {what} ...")
         result = run_worker(group, cfg)
@@ -126,6 +135,10 @@ def build_rows(figures: dict[str, dict[str, list[float]]], facts: dict[str, Any]
             continue
         if name == "peak_rss_generate_mib":
             target = facts.get("rss_budget_mib")
+        if name == "peak_rss_extract_native_mib":
+            torch_peak = figures.get("peak_rss_extract_mib", {}).get("value")
+            limits = [facts.get("rss_extract_native_budget_mib"), statistics.median(torch_peak) / 3 if torch_peak else None]
+            target = min((x for x in limits if x), default=None)
         values, base = figures[name]["value"], figures[name].get("baseline")
         value = statistics.median(values)
         if base:

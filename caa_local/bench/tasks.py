@@ -273,9 +273,46 @@ def _rss_extract_group(cfg: Config) -> dict[str, Any]:
     return {"figures": {"peak_rss_extract_mib": {"value": [peak_rss_mib()]}}, "facts": {}}
 
 
+def _native_extract_groups(cfg: Config, rss_only: bool) -> dict[str, Any]:
+    """extract --backend native: pairs/s against torch's batched extraction (same GGUF, pairs and
+    threads, alternated in one process), or, in a fresh process, its peak RSS and budget."""
+    from caa_local.core.extraction import encode_pairs
+    from caa_local.engine import reads
+    from caa_local.engine.engine import Engine
+
+    engine = Engine(cfg.model, n_ctx=64, n_threads=cfg.threads)  # the reader has its own context
+    items = _extract_items(cfg)
+    if rss_only:
+        reads.extract(engine, items)
+        max_len = max(len(s) for p in encode_pairs(engine.tokenize, engine.template, items, "answer-letter")
+                      for s in p.seqs)
+        kv = (reads.max_pairs(engine, 8, max_len) + 1) * reads.stream_bytes(engine, max_len)
+        gguf = engine.model_path.stat().st_size
+        return {"figures": {"peak_rss_extract_native_mib": {"value": [peak_rss_mib()]}},
+                "facts": {"rss_extract_native_budget_mib": (gguf + kv) / (1 << 20) + 200,
+                          "extract_kv_mib": kv / (1 << 20)}}
+    import torch
+
+    from caa_local.torch.extract import extract
+    from caa_local.torch.hf import chat_template_of, load_hf
+
+    torch.set_num_threads(engine.n_threads)
+    model, tokenizer, _info = load_hf(cfg.model)
+    template = chat_template_of(tokenizer)
+    native, base = interleaved(
+        cfg.repeats,
+        lambda: timed_rate(len(items), lambda: reads.extract(engine, items)),
+        lambda: timed_rate(len(items), lambda: extract(model, tokenizer, template, items, progress=False)),
+    )
+    return {"figures": {"extract_native_vs_torch": {"value": native, "baseline": base}},
+            "facts": {"threads": engine.n_threads, "extract_pairs": len(items)}}
+
+
 GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "native": _native_group, "torch": _torch_group,
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
+    "native_extract": lambda cfg: _native_extract_groups(cfg, False),
+    "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
 }
 
 

@@ -22,7 +22,7 @@ from caa_local.core.errors import CaaError
 COMMANDS = {
     "chat": ("caa_local.cli.chat:chat", "Chat with live steering (the main job)."),
     "generate": ("caa_local.cli.chat:generate", "Answer one prompt, steered."),
-    "extract": ("caa_local.cli.extract:extract", "Extract a CAA vector from A/B data (needs torch)."),
+    "extract": ("caa_local.cli.extract:extract", "Extract a CAA vector from A/B data (llama.cpp on a GGUF, or torch)."),
     "calibrate": ("caa_local.cli.calibrate:calibrate", "Find a vector's layer and safe strength; store them in it."),
     "normalize": ("caa_local.cli.extract:normalize", "Normalize vectors across behaviors per layer."),
     "vector": ("caa_local.cli.vector:vector", "Inspect, list and combine vector files."),

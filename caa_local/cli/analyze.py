@@ -1,7 +1,8 @@
 """`caa-local analyze cosine|behaviors|tokens|pca|steerability`: the paper's analyses of vectors.
 
 Thin commands over caa_local.eval.analyze (numpy) and caa_local.eval.plots (matplotlib, lazily).
-Only `pca` and `tokens` need torch: it reads per-example activations with transformers.
+`pca` reads per-example activations with llama.cpp (a GGUF) or transformers (--backend torch);
+`tokens` needs torch.
 """
 
 from __future__ import annotations
@@ -194,16 +195,21 @@ def analyze_tokens(prompt: str, vector_name: str, layer: int | None, answer: str
               help="Use the first N questions.")
 @click.option("batch_size", "--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Pairs per forward pass.")
+@click.option("backend", "--backend", type=click.Choice(["auto", "native", "torch"]), default="auto",
+              show_default=True, help="Who reads the activations (as for extract: native for a GGUF).")
 @click.option("device", "--device", default="cpu", show_default=True, help="torch device (cpu, cuda, auto).")
+@click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
+              help="native: CPU threads (0, the default: all cores).")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
 def analyze_pca(dataset: str, layer_spec: str, out: Path, model_path: str | None, part: str, limit: int,
-                batch_size: int, device: str, force: bool) -> None:
+                batch_size: int, backend: str, device: str, n_threads: int, force: bool) -> None:
     """PCA per layer of the activations at the answer letter, matching vs not matching.
 
     \b
     Example:
         caa-local analyze pca --dataset sycophancy --layers 2,8,14,20 --out pca.png
     """
+    from caa_local.cli.extract import resolve_backend
     from caa_local.eval.analyze import example_activations, pair_accuracy, pca_layers
     from caa_local.core.datasets import load_ab, split
     from caa_local.core.layers import parse_layer_spec
@@ -213,13 +219,21 @@ def analyze_pca(dataset: str, layer_spec: str, out: Path, model_path: str | None
     items = split(data.items, part)[:limit]
     if len(items) < 2:
         raise CaaError(f"{data.path}: PCA needs at least 2 questions, the {part!r} part has {len(items)}")
-    from caa_local.torch.hf import chat_template_of, load_hf
+    if resolve_backend(backend, model_path) == "native":
+        from caa_local.cli import open_engine
+        from caa_local.eval.analyze import example_activations_native
 
-    model, tokenizer, info = load_hf(model_path, device=device)
-    layers = parse_layer_spec(layer_spec, info.n_layer)
-    acts = example_activations(model, tokenizer, chat_template_of(tokenizer), items, layers, batch_size)
+        engine = open_engine(Path(model_path) if model_path else None, 64, n_threads, 0)
+        layers, name = parse_layer_spec(layer_spec, engine.n_layer), f"{engine.model_path.name} (native)"
+        acts = example_activations_native(engine, items, layers, batch_size)
+    else:
+        from caa_local.torch.hf import chat_template_of, load_hf
+
+        model, tokenizer, info = load_hf(model_path, device=device)
+        layers, name = parse_layer_spec(layer_spec, info.n_layer), f"{info.name} (torch)"
+        acts = example_activations(model, tokenizer, chat_template_of(tokenizer), items, layers, batch_size)
     projections = pca_layers(acts, layers)
-    click.echo(f"{data.name} ({part}, n={len(items)} pairs), {info.name}")
+    click.echo(f"{data.name} ({part}, n={len(items)} pairs), {name}")
     click.echo("layer  PC1   PC2   held-out pair accuracy")
     for i, (layer, p) in enumerate(projections.items()):
         held_out = pair_accuracy(acts["matching"][:, i], acts["not_matching"][:, i],

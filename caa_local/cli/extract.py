@@ -9,10 +9,38 @@ import click
 from caa_local.core.errors import CaaError
 
 
+BACKEND_HELP = ("native: llama.cpp on the GGUF itself (no torch, quantized memory); torch: transformers, the "
+                "reference; auto: native for a GGUF (and the default model), torch for HF directories and hub ids.")
+
+
+def resolve_backend(backend: str, model_ref: str | None) -> str:
+    """'native' or 'torch' for --backend and --model; a clear error where they do not fit."""
+    if backend == "torch":
+        return "torch"
+    path = Path(model_ref).expanduser() if model_ref is not None else None
+    if path is not None and not path.is_file():
+        if backend == "auto" and (path.is_dir() or not model_ref.endswith(".gguf")):
+            return "torch"
+        if model_ref.endswith(".gguf") and not path.exists():
+            raise CaaError(f"{model_ref}: no such model file")
+        what = "a directory" if path.is_dir() else "not a file (a hub id?)"
+        raise CaaError(f"{model_ref}: --backend native needs a .gguf file, this is {what} "
+                       "(use --backend torch for Hugging Face models)")
+    return "native"
+
+
+def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise CaaError(f"--{name.replace('_', '-')} applies to --backend torch, not {backend}")
+
+
 @click.command(name="extract")
 @click.argument("dataset")
 @click.option("model_ref", "--model", "-m", default=None,
-              help="HF directory, hub id or .gguf file (default: the default GGUF model).")
+              help="GGUF file, HF directory or hub id (default: the default GGUF model).")
+@click.option("backend", "--backend", type=click.Choice(["auto", "native", "torch"]), default="auto",
+              show_default=True, help=BACKEND_HELP)
 @click.option("out", "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output GGUF (default: DATASET_NAME.gguf in the current directory).")
 @click.option("batch_size", "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
@@ -24,26 +52,37 @@ from caa_local.core.errors import CaaError
 @click.option("read", "--read", type=click.Choice(["answer-letter", "answer-mean", "answer-text"]), default="answer-letter",
               show_default=True, help="Where to read: the answer letter (the paper), the mean over '(A', or the mean over the whole answer text (strong on small models).")
 @click.option("device", "--device", default="cpu", show_default=True,
-              help="cpu, cuda, cuda:N, mps, or auto (accelerate device_map for big models).")
+              help="torch: cpu, cuda, cuda:N, mps, or auto (accelerate device_map for big models).")
 @click.option("dtype", "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-              show_default=True, help="Torch dtype for the model.")
+              show_default=True, help="torch: dtype for the model.")
+@click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+              help="native: context size in tokens (bounds the longest prompt).")
+@click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
+              help="CPU threads (0, the default: all cores; torch: its own default).")
+@click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
+              help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("run_calibrate", "--calibrate", is_flag=True,
               help="Then run a quick `caa-local calibrate` on the GGUF model (needs a .gguf --model or the default).")
-def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: int, limit: int | None,
-            part: str, layers_spec: str, read: str, device: str, dtype: str, force: bool,
-            run_calibrate: bool) -> None:
+@click.pass_context
+def extract(ctx: click.Context, dataset: str, model_ref: str | None, backend: str, out: Path | None,
+            batch_size: int, limit: int | None, part: str, layers_spec: str, read: str, device: str, dtype: str,
+            n_ctx: int, n_threads: int, n_gpu_layers: int, force: bool, run_calibrate: bool) -> None:
     """Extract a CAA vector from DATASET (a behavior name or an A/B JSON file).
 
     \b
     Example:
       caa-local extract sycophancy --out syc.gguf
+      caa-local extract sycophancy --model llama-2-7b-chat.Q4_K_M.gguf --backend native --out syc.gguf
       caa-local extract my_pairs.json --model meta-llama/Llama-2-7b-chat-hf --device auto
     """
     from caa_local.core.atomic import check_writable
     from caa_local.core.datasets import load_ab, split
     from caa_local.core.layers import parse_layer_spec
 
+    backend = resolve_backend(backend, model_ref)
+    if backend == "native":
+        _torch_only(ctx, backend, ("device", "dtype"))
     data = load_ab(dataset)
     out = out or Path(f"{data.name}.gguf")
     check_writable(out, force)
@@ -51,20 +90,32 @@ def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: i
         raise CaaError(f"--calibrate steers a GGUF model with the native engine; {model_ref} is not one "
                        f"(extract, then run `caa-local calibrate {out} --model MODEL.gguf`)")
     items = split(data.items, part)[:limit]
-    try:
-        from caa_local.torch.extract import extract as run_extract
-        from caa_local.torch.hf import chat_template_of, load_hf
-    except ImportError as err:
-        raise CaaError(f"extraction needs torch and transformers: pip install 'caa-local[extract]' ({err})") from None
-    model, tokenizer, info = load_hf(model_ref, device=device, dtype=dtype)
-    layers = parse_layer_spec(layers_spec, info.n_layer)
-    click.echo(f"{info.name}: {info.n_layer} blocks, n_embd {info.n_embd}; {len(items)} pairs of {data.name}",
-               err=True)
-    vector = run_extract(model, tokenizer, chat_template_of(tokenizer), items, batch_size, layers, read,
-                         behavior=data.name, dataset_sha256=data.sha256, info=info)
+    if not items:
+        raise CaaError(f"{data.path}: no A/B pairs in the {part!r} part")
+    if backend == "native":
+        vector = _extract_native(model_ref, items, data, batch_size, layers_spec, read, n_ctx, n_threads, n_gpu_layers)
+    else:
+        try:
+            from caa_local.torch.extract import extract as run_extract
+            from caa_local.torch.hf import chat_template_of, load_hf
+        except ImportError as err:
+            raise CaaError(f"--backend torch needs torch and transformers: pip install 'caa-local[extract]' "
+                           f"({err}); or use --backend native with a GGUF") from None
+        if n_threads:
+            import torch
+
+            torch.set_num_threads(n_threads)
+        model, tokenizer, info = load_hf(model_ref, device=device, dtype=dtype)
+        layers = parse_layer_spec(layers_spec, info.n_layer)
+        click.echo(f"backend: torch (transformers, {dtype}); {info.name}: {info.n_layer} blocks, "
+                   f"n_embd {info.n_embd}; {len(items)} pairs of {data.name}", err=True)
+        vector = run_extract(model, tokenizer, chat_template_of(tokenizer), items, batch_size, layers, read,
+                             behavior=data.name, dataset_sha256=data.sha256, info=info)
+        del model, tokenizer  # free the torch copy before a --calibrate loads the GGUF
     vector = vector.with_metadata(split=part, dataset=str(data.path.name))
     vector.save(out, force=force)
-    click.echo(f"wrote {out}: layers {vector.metadata['layers']}, {vector.metadata['n_pairs']} pairs")
+    click.echo(f"wrote {out}: layers {vector.metadata['layers']}, {vector.metadata['n_pairs']} pairs, "
+               f"{vector.metadata['backend']} backend")
     model_option = f" --model {model_ref}" if model_ref else ""
     if not run_calibrate:
         click.echo(f"next: `caa-local calibrate {out}{model_option}` chooses its layer and multiplier "
@@ -74,7 +125,6 @@ def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: i
     from caa_local.cli.calibrate import calibration_settings, run_calibration
     from caa_local.eval.calibrate import load_data
 
-    del model, tokenizer  # the native engine takes over; free the torch copy first
     settings = calibration_settings(True, metric=_metric_for(data.name))
     calibration_data = load_data(data.name, dataset, settings)
     engine = open_engine(Path(model_ref) if model_ref else None, 4096, 0, 0)
@@ -83,6 +133,25 @@ def extract(dataset: str, model_ref: str | None, out: Path | None, batch_size: i
 
 def _metric_for(behavior: str) -> str:
     return behavior if behavior in ("sentiment", "formality", "enthusiasm") else "p_match"
+
+
+def _extract_native(model_ref: str | None, items: list, data: object, batch_size: int, layers_spec: str,
+                    read: str, n_ctx: int, n_threads: int, n_gpu_layers: int):  # noqa: ANN202 - ControlVector
+    from caa_local.cli import open_engine
+    from caa_local.cli.eval import progress_bar
+    from caa_local.core.extraction import quantization_name
+    from caa_local.core.layers import parse_layer_spec
+    from caa_local.engine.reads import extract as run_extract
+
+    # The reader makes its own context (up to --ctx tokens a prompt); the engine's stays small.
+    engine = open_engine(Path(model_ref) if model_ref else None, 64, n_threads, n_gpu_layers)
+    layers = parse_layer_spec(layers_spec, engine.n_layer)
+    quant = quantization_name(engine.meta("general.file_type"))
+    click.echo(f"backend: native (llama.cpp on {engine.model_path.name}, {quant}; no torch); "
+               f"{engine.n_layer} blocks, n_embd {engine.n_embd}; {len(items)} pairs of {data.name}", err=True)
+    with progress_bar(len(items), "extract", "pair") as update:
+        return run_extract(engine, items, batch_size, layers, read, update, behavior=data.name,
+                           dataset_sha256=data.sha256, n_ctx=n_ctx)
 
 
 @click.command(name="normalize")

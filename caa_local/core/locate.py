@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from caa_local.core.atomic import write_json
 from caa_local.core.errors import ModelLoadError
 from caa_local.core.gguf_check import GGUF_MAGIC
 
@@ -54,6 +58,37 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    env = os.environ.get("CAA_LOCAL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "caa-local"
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (resolved path, size, mtime) so big files hash once."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    index_path = cache_root() / "hashes.json"
+    index: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(index_path.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            index = loaded
+    key = str(path)
+    entry = index.get(key)
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == stat.st_size
+        and entry.get("mtime_ns") == stat.st_mtime_ns
+        and isinstance(entry.get("sha256"), str)
+    ):
+        return entry["sha256"]
+    digest = file_sha256(path)
+    index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache only costs speed
+        write_json(index_path, index, force=True)
+    return digest
 
 
 def shipped_vectors_dir() -> Path:

@@ -1,6 +1,7 @@
 """The paper's analyses: cosine similarity of vectors across layers and behaviors, PCA of
 per-example activations per layer, and steerability from saved A/B results. numpy only;
-activations for the PCA come from ``caa_local.torch.extract`` (torch), imported when asked for.
+activations for the PCA come from ``caa_local.engine.reads`` (llama.cpp) or
+``caa_local.torch.extract`` (torch), imported when asked for.
 """
 
 from __future__ import annotations
@@ -95,6 +96,14 @@ def example_activations(
     from caa_local.torch.extract import example_activations as read
 
     return read(model, tokenizer, template, items, layers, batch_size)
+
+
+def example_activations_native(engine: Any, items: Sequence[Any], layers: Sequence[int],
+                               batch_size: int = 8) -> dict[str, npt.NDArray[np.float32]]:
+    """:func:`example_activations` read by llama.cpp on the engine's GGUF (no torch)."""
+    from caa_local.engine.reads import example_activations as read
+
+    return read(engine, items, layers, batch_size)
 
 
 def pca_layers(

@@ -1,10 +1,8 @@
-"""CAA extraction (design.md §1): mean activation difference between matching and
-not-matching answers, read at the output of every decoder block.
-
-Prompt per answer: the chat-templated user turn, the opened assistant turn, then ``(A`` (the
-answer letter with its opening parenthesis). ``read="answer-letter"`` (the paper) reads the
-last token of that text; ``read="answer-mean"`` averages over the answer's tokens (``(`` and
-``A`` where they are separate tokens). Measured: the ``(`` token is identical in both prompts
+"""CAA extraction with PyTorch (design.md §1), the reference backend: mean activation
+difference between matching and not-matching answers, read at the output of every decoder
+block. Prompts, read positions, the mean difference and the vector's metadata are shared with
+the native backend (caa_local/core/extraction.py). ``read="answer-mean"`` averages over the
+answer's tokens (``(`` and ``A`` where they are separate tokens). Measured: the ``(`` token is identical in both prompts
 of a pair (causal attention, same prefix), so its difference is 0 and answer-mean is exactly
 answer-letter / n_answer_tokens (1/2 on SmolLM2): same direction, smaller norm.
 ``read="answer-text"`` continues with the chosen answer's whole text (``(A) It was lovely``)
@@ -20,8 +18,6 @@ part once, and packs pairs into batches with no padding to speak of (packed_read
 
 from __future__ import annotations
 
-import re
-
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,71 +25,39 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from caa_local.core.errors import CaaError
+from caa_local.core.extraction import (
+    READS,
+    MeanDifference,
+    answer_prefix,
+    check_request,
+    encode,
+    encode_pairs,
+    make_vector,
+    gguf_quantization,
+)
 from caa_local.torch.hf import ModelInfo, decoder_layers, input_device
-from caa_local.core.layers import check_steerable, format_layers, steerable_range
-from caa_local.torch.packed import PackedReader, Pair, _Stop, common_length, packable
-from caa_local.core.templates import ChatTemplate, instruction_end, user_turn
+from caa_local.torch.packed import PackedReader, _Stop, packable
+from caa_local.core.errors import CaaError
+from caa_local.core.templates import ChatTemplate
 from caa_local.core.vector import ControlVector
 
 if TYPE_CHECKING:
     from caa_local.core.datasets import ABItem
 
-READS = ("answer-letter", "answer-mean", "answer-text")
+__all__ = ["READS", "MeanDifference", "answer_prefix", "block_reads", "differences", "example_activations",
+           "extract", "extract_loop"]
 Reads = tuple[list[int], npt.NDArray[np.float32], npt.NDArray[np.float32]]  # items, matching, not
 
 
-class MeanDifference:
-    """Running mean of (positive - negative) over pairs; float64 sums, float32 result."""
-
-    def __init__(self) -> None:
-        self.total: npt.NDArray[np.float64] | None = None
-        self.count = 0
-
-    def add(self, positive: npt.ArrayLike, negative: npt.ArrayLike) -> None:
-        """Add a batch of pairs: arrays of shape (n_pairs, ...) with equal shapes."""
-        pos = np.asarray(positive, dtype=np.float64)
-        neg = np.asarray(negative, dtype=np.float64)
-        if pos.shape != neg.shape or pos.ndim < 1:
-            raise ValueError(f"positive {pos.shape} and negative {neg.shape}: expected equal shapes")
-        batch = (pos - neg).sum(axis=0)
-        self.total = batch if self.total is None else self.total + batch
-        self.count += pos.shape[0]
-
-    def result(self) -> npt.NDArray[np.float32]:
-        if self.total is None or self.count == 0:
-            raise ValueError("no pairs were added")
-        return (self.total / self.count).astype(np.float32)
-
-
-def answer_prefix(answer: str) -> str:
-    """'(A)' -> '(A': the answer up to and including its letter."""
-    text = answer.strip()
-    return text[:-1] if text.endswith(")") else text
-
-
-def choice_text(question: str, answer: str) -> str:
-    """'(A)' -> '(A) <the text of choice A in the question>'."""
-    letter = answer.strip()[1:-1]
-    match = re.search(r"\(" + re.escape(letter) + r"\)[ \t]*(.*?)(?=\n\s*\([A-H]\)|\Z)", question, re.S)
-    if not match or not match.group(1).strip():
-        raise CaaError(f"answer-text reads need the text of choice {answer} in the question")
-    return f"({letter}) {match.group(1).strip()}"
+def _tokenize(tokenizer: Any) -> Any:
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _encode(
     tokenizer: Any, template: ChatTemplate, question: str, answer: str, read: str = "answer-letter"
 ) -> tuple[list[int], int]:
-    """Token ids of prompt + answer prefix, and how many trailing tokens are the answer.
-
-    ``read="answer-text"`` continues with the whole text of the chosen answer.
-    """
-    prompt = template.render(user_turn(question), add_generation_prompt=True)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    tail = choice_text(question, answer) if read == "answer-text" else answer_prefix(answer)
-    ids = tokenizer(prompt + tail, add_special_tokens=False)["input_ids"]
-    n_answer = len(ids) - 1 - instruction_end(prompt_ids, ids)
-    return ids, max(n_answer, 1)
+    """Token ids of prompt + answer prefix, and how many trailing tokens are the answer."""
+    return encode(_tokenize(tokenizer), template, question, answer, read)
 
 
 def _read_weights(mask: torch.Tensor, n_answer: Sequence[int], read: str) -> torch.Tensor:
@@ -159,26 +123,7 @@ def block_reads(
 
 
 def _check(model: Any, items: Sequence[ABItem], layers: Sequence[int] | None, read: str) -> list[int]:
-    if read not in READS:
-        raise CaaError(f"read position {read!r}: expected one of {', '.join(READS)}")
-    if not items:
-        raise CaaError("extraction needs at least one A/B pair")
-    n_layer = len(decoder_layers(model))
-    chosen = list(steerable_range(n_layer)) if layers is None else list(dict.fromkeys(layers))
-    for layer in chosen:
-        check_steerable(layer, n_layer)
-    return chosen
-
-
-def _encode_pairs(tokenizer: Any, template: ChatTemplate, items: Sequence[ABItem], read: str) -> list[Pair]:
-    pairs = []
-    for index, item in enumerate(items):
-        (pos, n_pos), (neg, n_neg) = (_encode(tokenizer, template, item.question, answer, read)
-                                      for answer in (item.matching, item.not_matching))
-        shared = common_length([pos, neg], min(len(pos), len(neg)) - 1)
-        spans = (1, 1) if read == "answer-letter" else (n_pos, n_neg)
-        pairs.append(Pair(index, (pos, neg), spans, shared))
-    return pairs
+    return check_request(items, layers, read, len(decoder_layers(model)))
 
 
 def _pair_reads(
@@ -202,7 +147,7 @@ def _pair_reads(
     if batch_size < 1:
         raise CaaError(f"batch size {batch_size}: expected 1 or more")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pairs = _encode_pairs(tokenizer, template, items, read)
+    pairs = encode_pairs(_tokenize(tokenizer), template, items, read)
     with tqdm(total=len(items), unit="pair", desc="extract", disable=not progress) as bar:
         if loop or not packable(model):  # flash attention etc. cannot take the block mask
             for p in pairs:
@@ -269,19 +214,17 @@ def _vector(model: Any, reads: Iterator[Reads], chosen: list[int], read: str, be
     acc = MeanDifference()
     for _index, pos, neg in reads:
         acc.add(pos, neg)
-    mean = acc.result()
-    metadata = {
-        "behavior": behavior,
-        "dataset_sha256": dataset_sha256,
-        "n_pairs": str(acc.count),
-        "model": info.name if info else str(getattr(model.config, "name_or_path", "")),
-        "model_sha256": (info.sha256 or "") if info else "",
-        "read_position": read,
-        "normalization": "none",
-        "layers": format_layers(chosen),
-    }
-    hint = info.arch if info else str(model.config.model_type)
-    return ControlVector(hint, {layer: mean[i] for i, layer in enumerate(chosen)}, metadata)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    quantization = dtype
+    if info is not None and info.source == "gguf" and info.path is not None:
+        quantization = f"{dtype} (dequantized from {gguf_quantization(info.path)})"
+    return make_vector(
+        acc, chosen, info.arch if info else str(model.config.model_type), read,
+        behavior=behavior, dataset_sha256=dataset_sha256,
+        model=info.name if info else str(getattr(model.config, "name_or_path", "")),
+        model_sha256=(info.sha256 or "") if info else "", backend="torch", quantization=quantization,
+    )
+
 
 
 def extract_loop(

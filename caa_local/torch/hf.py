@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from caa_local.core.atomic import write_json
 from caa_local.core.errors import ModelLoadError
-from caa_local.core.locate import default_model_path, file_sha256, resolve_gguf
+from caa_local.core.locate import cache_root, cached_sha256, default_model_path, resolve_gguf
 from caa_local.core.templates import CHATML, ChatTemplate
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,37 +42,6 @@ class ModelInfo:
     n_embd: int
     dtype: str
     from_cache: bool = False
-
-
-def cache_root() -> Path:
-    env = os.environ.get("CAA_LOCAL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "caa-local"
-
-
-def cached_sha256(path: Path) -> str:
-    """sha256 of a file, remembered by (resolved path, size, mtime) so big files hash once."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    index_path = cache_root() / "hashes.json"
-    index: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(index_path.read_text(encoding="utf-8"))
-        if isinstance(loaded, dict):
-            index = loaded
-    key = str(path)
-    entry = index.get(key)
-    if (
-        isinstance(entry, dict)
-        and entry.get("size") == stat.st_size
-        and entry.get("mtime_ns") == stat.st_mtime_ns
-        and isinstance(entry.get("sha256"), str)
-    ):
-        return entry["sha256"]
-    digest = file_sha256(path)
-    index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only cache only costs speed
-        write_json(index_path, index, force=True)
-    return digest
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:

@@ -21,12 +21,14 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from caa_local.core.extraction import Pair, common_length
 from caa_local.torch.hf import decoder_layers, input_device
+
+__all__ = ["PackedReader", "Pair", "common_length", "forward_reads", "packable"]
 
 MAX_PACK_WIDTH = 1024  # widest row tried when packing several units into one
 PACKABLE = ("sdpa", "eager")  # attention implementations that honour a 4-D float mask
@@ -34,22 +36,6 @@ PACKABLE = ("sdpa", "eager")  # attention implementations that honour a 4-D floa
 
 class _Stop(Exception):
     """Raised by the deepest needed hook: later blocks and the LM head are skipped."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    index: int  # position in the caller's items
-    seqs: tuple[list[int], list[int]]  # token ids: matching, not matching
-    n_read: tuple[int, int]  # read span (trailing tokens averaged) of each
-    shared: int  # leading tokens both share (each keeps at least one of its own)
-
-
-def common_length(seqs: Sequence[Sequence[int]], limit: int) -> int:
-    """Length of the longest common prefix of ``seqs``, at most ``limit``."""
-    n = 0
-    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    return n
 
 
 def packable(model: Any) -> bool:
