@@ -69,7 +69,8 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_id, "slots": len(pool.slots), "slots_idle": pool.idle,
-                "queued": pool.waiting, "auth": bool(config.api_key)}
+                "queued": pool.waiting, "auth": bool(config.api_key),
+                "served": pool.served, "cancelled": pool.cancelled, "cancelled_tokens": pool.cancelled_tokens}
 
     web.mount(app)
 

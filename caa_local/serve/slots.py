@@ -80,6 +80,8 @@ class SlotPool:
         self.max_queue = max_queue
         self.runner = runner
         self.served = 0
+        self.cancelled = 0  # generations stopped because their client left
+        self.cancelled_tokens = 0  # tokens those generated before they stopped
 
     # -- leasing ----------------------------------------------------------------------------
     @property
@@ -161,7 +163,13 @@ class SlotPool:
             else:
                 slot.cancel.set()
                 slot.cached = []
-                future.add_done_callback(lambda _: self.release(slot))
+                self.cancelled += 1
+                future.add_done_callback(lambda f: self._release_cancelled(slot, f))
+
+    def _release_cancelled(self, slot: Slot, future: asyncio.Future[GenerationResult]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.cancelled_tokens += len(future.result().tokens)
+        self.release(slot)
 
     def close(self) -> None:
         for slot in self.slots:
