@@ -25,8 +25,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, api_key: str | None = None, start_timeout: float = 180.0) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, api_key: str | None = None, start_timeout: float = 180.0,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.api_key = api_key
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
