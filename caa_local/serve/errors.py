@@ -24,6 +24,7 @@ KINDS: dict[str, tuple[str, int]] = {
     "server": ("server_error", 500),
 }
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "literal"}
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 
 
@@ -68,7 +69,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    # Union members appear in the path as type tags ("str", "list[TextPart]"); a client needs the field.
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and str(part) not in _TYPE_TAGS
+           and "[" not in str(part)]
     param = ""
     for part in loc:
         param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)

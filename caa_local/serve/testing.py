@@ -6,6 +6,7 @@ As vLLM's RemoteOpenAIServer and llama.cpp's ServerProcess: start the process, w
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -64,20 +65,27 @@ class ServerProcess:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 key: bool = True) -> tuple[int, dict[str, Any]]:
-        """(status, JSON body) of one raw request; the key is sent unless key=False or headers set one."""
+        """(status, JSON body) of one raw request; the key is sent unless key=False or headers set one.
+
+        The response is read even when the server answered before taking the whole body (413).
+        """
         hdrs = {"Content-Type": "application/json", **(headers or {})}
         if key and self.api_key and "Authorization" not in hdrs and "X-Api-Key" not in hdrs:
             hdrs["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url + path, data=body, headers=hdrs, method=method)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
         try:
-            with urllib.request.urlopen(req, timeout=300) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            raw = err.read()
             try:
-                return err.code, json.loads(raw)
-            except ValueError:
-                return err.code, {"raw": raw.decode("utf-8", "replace")}
+                conn.request(method, path, body=body, headers=hdrs)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # answered early; the answer is still in the socket
+            response = conn.getresponse()
+            raw = response.read()
+        finally:
+            conn.close()
+        try:
+            return response.status, json.loads(raw or b"null")
+        except ValueError:
+            return response.status, {"raw": raw.decode("utf-8", "replace")}
 
     def client(self, api_key: str | None = None) -> Any:
         import openai
