@@ -97,7 +97,7 @@ def test_compare_mode_streams_unsteered_and_steered_side_by_side(server: ServerP
     slider = page.locator("#scale-0")
     slider.evaluate("(el) => { el.value = -2; el.dispatchEvent(new Event('input', {bubbles: true})); }")
     assert page.locator("#scale-out-0").inner_text() == "-2"
-    set_greedy(page)
+    set_greedy(page, 40)
     assert page.locator("#compare").is_checked()
     page.fill("#prompt", "How was your weekend at the lake?")
     page.press("#prompt", "Enter")
@@ -111,6 +111,7 @@ def test_compare_mode_streams_unsteered_and_steered_side_by_side(server: ServerP
     assert page.locator("#alert").is_hidden()
     screenshot = os.environ.get("CAA_LOCAL_SCREENSHOT")
     if screenshot:
+        page.evaluate("document.querySelector('aside').scrollTop = 0")
         page.screenshot(path=screenshot)
     figures = page.evaluate("""() => ({
         firstTokenMs: window.caaMetrics.firstTokenMs,

@@ -116,12 +116,12 @@ async function loadLibrary() {
     const item = el("li", { class: v.fits ? "" : "unfit" },
       el("div", { class: "row" },
         el("strong", {}, v.id),
-        el("span", { class: "muted" }, recommended),
         el("span", { class: "badge " + (v.fits ? "ok" : "bad"), title: v.problem || "fits the loaded model" },
           v.fits ? "fits" : "does not fit"),
-        el("button", { type: "button", "aria-label": `Add ${v.id}`, disabled: !v.fits,
-          onclick: () => addTerm(v.id) }, "Add")));
-    if (v.behavior && v.behavior !== v.id) item.append(el("div", { class: "muted" }, v.behavior));
+        el("button", { type: "button", class: "add", "aria-label": `Add ${v.id}`, disabled: !v.fits,
+          onclick: () => addTerm(v.id) }, "Add")),
+      el("div", { class: "muted" }, (v.behavior && v.behavior !== v.id ? v.behavior + " · " : "") + recommended));
+    if (!v.fits && v.problem) item.append(el("div", { class: "muted" }, v.problem));
     if (v.calibration) {
       const figure = el("figure", { class: "calib" });
       drawCalibration(figure, v.calibration, v.recommended_multiplier);
