@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import click
@@ -67,6 +68,8 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     warn_multipliers(scale for _, _, scale in loaded)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
+    if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
+        n_threads = max(1, (os.cpu_count() or 1) // slots)
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
 
     from caa_local.serve.config import ServeConfig
