@@ -158,3 +158,14 @@ def test_a_consumer_that_leaves_cancels_generation_and_frees_the_slot() -> None:
         pool.close()
 
     asyncio.run(main())
+
+
+def test_the_server_imports_neither_torch_nor_the_cli_nor_evaluation() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, caa_local.serve.app, caa_local.serve.server; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') "
+            "or m.startswith(('caa_local.cli', 'caa_local.eval', 'caa_local.chat'))]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
