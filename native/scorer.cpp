@@ -8,8 +8,6 @@ namespace caa {
 
 namespace {
 
-constexpr uint32_t kMaxSequences = 256; // LLAMA_MAX_SEQ in llama.cpp
-
 double log_softmax_at(const float * logits, int32_t n_vocab, llama_token token) {
     const float max_logit = *std::max_element(logits, logits + n_vocab);
     double sum = 0.0;
@@ -23,7 +21,7 @@ double log_softmax_at(const float * logits, int32_t n_vocab, llama_token token) 
 
 Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_token>> & prefixes, int32_t n_options,
                int32_t max_tail)
-    : session_(session), n_options_(n_options), max_tail_(max_tail),
+    : model_(session.shared_model()), n_options_(n_options), max_tail_(max_tail),
       n_batch_(std::max<uint32_t>(session.n_batch(), static_cast<uint32_t>(std::max(max_tail, 1)))) {
     if (prefixes.empty() || n_options < 1 || max_tail < 1) {
         throw std::invalid_argument("scorer needs questions, n_options >= 1 and max_tail >= 1");
@@ -34,19 +32,15 @@ Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_toke
     }
     size_t longest = 0;
     for (const auto & p : prefixes) {
-        for (llama_token t : p) {
-            if (t < 0 || t >= session.n_vocab()) {
-                throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
-            }
-        }
+        model_->check_tokens(p);
         longest = std::max(longest, p.size());
         prefix_len_.push_back(static_cast<llama_pos>(p.size()));
     }
     // One KV stream per question, each long enough for its prefix and one continuation.
     const size_t per_seq = (longest + max_tail + 1 + 255) / 256 * 256;
-    ctx_ = make_context(session.model(), static_cast<uint32_t>(per_seq * prefixes.size()), n_batch_,
+    ctx_ = make_context(*model_, static_cast<uint32_t>(per_seq * prefixes.size()), n_batch_,
                         static_cast<uint32_t>(prefixes.size()), session.n_threads());
-    apply_steering(ctx_.get(), Steering{}, session.n_embd());
+    apply_steering(ctx_.get(), Steering{}, model_->n_embd());
 
     BatchPtr holder(static_cast<int32_t>(n_batch_));
     llama_batch & batch = holder.batch;
@@ -96,15 +90,11 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
                                             std::to_string(c.size()) + " tokens (max " + std::to_string(max_tail_) +
                                             "), " + std::to_string(s) + " scored (need 1..tokens-1)");
             }
-            for (llama_token t : c) {
-                if (t < 0 || t >= session_.n_vocab()) {
-                    throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
-                }
-            }
+            model_->check_tokens(c);
         }
     }
-    validate_steering(steering, session_.n_layer(), session_.n_embd());
-    apply_steering(ctx_.get(), steering, session_.n_embd());
+    validate_steering(steering, model_->n_layer(), model_->n_embd());
+    apply_steering(ctx_.get(), steering, model_->n_embd());
 
     struct Pending {
         size_t out;       // index into result
@@ -114,7 +104,7 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
     std::vector<Pending> pending;
     BatchPtr holder(static_cast<int32_t>(n_batch_));
     llama_batch & batch = holder.batch;
-    const int32_t n_vocab = session_.n_vocab();
+    const int32_t n_vocab = model_->n_vocab();
     llama_memory_t mem = llama_get_memory(ctx_.get());
     auto flush = [&] {
         if (batch.n_tokens == 0) {
@@ -167,7 +157,11 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
         }
         flush();
         for (size_t q = 0; q < n_q; ++q) {
-            llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q), prefix_len_[q], -1);
+            if (!llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q), prefix_len_[q], -1)) {
+                // The next option would attend to this one's tokens: never score on such a cache.
+                throw std::runtime_error("llama.cpp could not drop question " + std::to_string(q) +
+                                         "'s scored tokens from its KV cache");
+            }
         }
     }
     return result;

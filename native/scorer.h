@@ -23,9 +23,10 @@ class Scorer {
 
     int32_t n_questions() const { return static_cast<int32_t>(prefix_len_.size()); }
     int32_t n_options() const { return n_options_; }
+    const Model & model() const { return *model_; }
 
   private:
-    const Session & session_;
+    SharedModel model_;
     ContextPtr ctx_;
     int32_t n_options_;
     int32_t max_tail_;

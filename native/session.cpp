@@ -11,22 +11,6 @@ namespace caa {
 
 namespace {
 
-int32_t pick_threads(int32_t n_threads) {
-    if (n_threads > 0) {
-        return n_threads;
-    }
-    const unsigned hw = std::thread::hardware_concurrency();
-    return hw == 0 ? 4 : static_cast<int32_t>(std::min(hw, 8u));
-}
-
-void silent_log(ggml_log_level level, const char * text, void * /*user*/) {
-    if (level == GGML_LOG_LEVEL_ERROR && std::getenv("CAA_LOCAL_LLAMA_LOG") != nullptr) {
-        std::fputs(text, stderr);
-    } else if (std::getenv("CAA_LOCAL_LLAMA_LOG") != nullptr && std::strcmp(std::getenv("CAA_LOCAL_LLAMA_LOG"), "all") == 0) {
-        std::fputs(text, stderr);
-    }
-}
-
 // Captures the last row of every l_out-N tensor while a context decodes.
 struct LayerProbe {
     int32_t n_embd = 0;
@@ -56,7 +40,33 @@ bool probe_callback(ggml_tensor * t, bool ask, void * user_data) {
 
 } // namespace
 
-ContextPtr make_context(llama_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max,
+int32_t pick_threads(int32_t n_threads) {
+    if (n_threads > 0) {
+        return n_threads;
+    }
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw == 0 ? 4 : static_cast<int32_t>(hw);
+}
+
+uint64_t Steering::id() const {
+    if (!active()) {
+        return 0;
+    }
+    // FNV-1a over the range and the raw floats.
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&h](const void * p, size_t n) {
+        const auto * b = static_cast<const unsigned char *>(p);
+        for (size_t i = 0; i < n; ++i) {
+            h = (h ^ b[i]) * 1099511628211ull;
+        }
+    };
+    mix(&il_start, sizeof(il_start));
+    mix(&il_end, sizeof(il_end));
+    mix(data.data(), data.size() * sizeof(float));
+    return h == 0 ? 1 : h;
+}
+
+ContextPtr make_context(const Model & model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max,
                         int32_t n_threads, ggml_backend_sched_eval_callback cb_eval, void * cb_user_data) {
     llama_context_params cparams = llama_context_default_params();
     cparams.n_ctx           = n_ctx;
@@ -71,7 +81,7 @@ ContextPtr make_context(llama_model * model, uint32_t n_ctx, uint32_t n_batch, u
     cparams.kv_unified      = false;
     cparams.cb_eval           = cb_eval;
     cparams.cb_eval_user_data = cb_user_data;
-    llama_context * ctx = llama_init_from_model(model, cparams);
+    llama_context * ctx = llama_init_from_model(model.get(), cparams);
     if (ctx == nullptr) {
         throw std::runtime_error("llama.cpp could not create a context of " + std::to_string(n_ctx) +
                                  " tokens (out of memory?)");
@@ -87,85 +97,6 @@ void apply_steering(llama_context * ctx, const Steering & steering, int32_t n_em
     if (rc != 0) {
         throw std::runtime_error("llama_set_adapter_cvec failed with code " + std::to_string(rc));
     }
-}
-
-Session::Session(const std::string & model_path, uint32_t n_ctx, int32_t n_threads, int32_t n_gpu_layers,
-                 uint32_t n_batch)
-    : n_threads_(pick_threads(n_threads)), n_batch_(n_batch == 0 ? 512 : n_batch) {
-    static const bool backend_ready = [] {
-        llama_log_set(silent_log, nullptr);
-        llama_backend_init();
-        return true;
-    }();
-    (void) backend_ready;
-    llama_model_params mparams = llama_model_default_params();
-    mparams.n_gpu_layers = n_gpu_layers;
-    model_.reset(llama_model_load_from_file(model_path.c_str(), mparams));
-    if (!model_) {
-        throw std::invalid_argument(model_path + ": llama.cpp could not load this model file");
-    }
-    vocab_ = llama_model_get_vocab(model_.get());
-    ctx_ = make_context(model_.get(), n_ctx, std::min(n_batch_, n_ctx), 1, n_threads_);
-    n_batch_ = llama_n_batch(ctx_.get()); // what llama.cpp accepts per llama_decode call
-}
-
-std::string Session::meta(const std::string & key) const {
-    std::vector<char> buf(256);
-    int32_t n = llama_model_meta_val_str(model_.get(), key.c_str(), buf.data(), buf.size());
-    if (n < 0) {
-        return "";
-    }
-    if (static_cast<size_t>(n) >= buf.size()) {
-        buf.resize(n + 1);
-        n = llama_model_meta_val_str(model_.get(), key.c_str(), buf.data(), buf.size());
-    }
-    return std::string(buf.data(), n);
-}
-
-std::string Session::description() const {
-    char buf[256];
-    const int32_t n = llama_model_desc(model_.get(), buf, sizeof(buf));
-    return n > 0 ? std::string(buf, std::min<size_t>(n, sizeof(buf) - 1)) : "";
-}
-
-std::vector<llama_token> Session::tokenize(const std::string & text, bool add_special, bool parse_special) const {
-    if (text.size() > static_cast<size_t>(INT32_MAX / 2)) {
-        throw std::length_error("text too long to tokenize");
-    }
-    std::vector<llama_token> out(text.size() + 8);
-    int32_t n = llama_tokenize(vocab_, text.data(), text.size(), out.data(), out.size(), add_special, parse_special);
-    if (n < 0) {
-        if (n == INT32_MIN) {
-            throw std::length_error("tokenization overflow");
-        }
-        out.resize(-n);
-        n = llama_tokenize(vocab_, text.data(), text.size(), out.data(), out.size(), add_special, parse_special);
-    }
-    out.resize(std::max(n, 0));
-    return out;
-}
-
-std::string Session::token_to_piece(llama_token token, bool special) const {
-    if (token < 0 || token >= n_vocab()) {
-        throw std::out_of_range("token " + std::to_string(token) + " is not in the vocabulary (0.." +
-                                std::to_string(n_vocab() - 1) + ")");
-    }
-    char buf[256];
-    int32_t n = llama_token_to_piece(vocab_, token, buf, sizeof(buf), 0, special);
-    if (n < 0) {
-        std::vector<char> big(-n);
-        n = llama_token_to_piece(vocab_, token, big.data(), big.size(), 0, special);
-        return std::string(big.data(), std::max(n, 0));
-    }
-    return std::string(buf, n);
-}
-
-std::string Session::detokenize(const std::vector<llama_token> & tokens, bool special) const {
-    std::string out;
-    for (llama_token t : tokens) {
-        out += token_to_piece(t, special);
-    }
-    return out;
 }
 
 void validate_steering(const Steering & steering, int32_t n_layer, int32_t n_embd) {
@@ -184,9 +115,19 @@ void validate_steering(const Steering & steering, int32_t n_layer, int32_t n_emb
     }
 }
 
+Session::Session(SharedModel model, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch)
+    : model_(std::move(model)), n_threads_(pick_threads(n_threads)), n_batch_(n_batch == 0 ? 512 : n_batch) {
+    if (!model_) {
+        throw std::invalid_argument("a Session needs a loaded model");
+    }
+    ctx_ = make_context(*model_, n_ctx, std::min(n_batch_, n_ctx), 1, n_threads_);
+    n_batch_ = llama_n_batch(ctx_.get()); // what llama.cpp accepts per llama_decode call
+}
+
 void Session::set_steering(Steering steering) {
-    validate_steering(steering, n_layer(), n_embd());
+    validate_steering(steering, model_->n_layer(), model_->n_embd());
     steering_ = std::move(steering);
+    steering_id_ = steering_.id();
     applied_ = false;
 }
 
@@ -197,9 +138,21 @@ void Session::use_steering(bool steered) {
     if (applied_ && want == applied_steered_) {
         return;
     }
-    apply_steering(ctx_.get(), want ? steering_ : none, n_embd());
+    apply_steering(ctx_.get(), want ? steering_ : none, model_->n_embd());
     applied_ = true;
     applied_steered_ = want;
+}
+
+size_t Session::reusable(const std::vector<llama_token> & tokens, size_t steer_from) const {
+    const size_t n = std::min(tokens.size(), tokens_.size());
+    size_t i = 0;
+    for (; i < n; ++i) {
+        const uint64_t wanted = i < steer_from ? 0 : steering_id_;
+        if (tokens_[i] != tokens[i] || token_steering_[i] != wanted) {
+            break;
+        }
+    }
+    return i;
 }
 
 void Session::truncate(size_t n_keep) {
@@ -207,33 +160,31 @@ void Session::truncate(size_t n_keep) {
         return;
     }
     if (!llama_memory_seq_rm(llama_get_memory(ctx_.get()), 0, static_cast<llama_pos>(n_keep), -1)) {
+        // A partial removal is refused by some caches: start over rather than keep stale entries.
         llama_memory_clear(llama_get_memory(ctx_.get()), true);
-        tokens_.clear();
-        return;
+        n_keep = 0;
     }
     tokens_.resize(n_keep);
+    token_steering_.resize(n_keep);
 }
 
-void Session::decode(const std::vector<llama_token> & tokens, bool steered, const std::function<void()> & check_interrupt) {
+bool Session::decode(const std::vector<llama_token> & tokens, bool steered, const StopCheck & should_stop) {
     if (tokens.empty()) {
-        return;
+        return true;
     }
     if (tokens_.size() + tokens.size() > n_ctx()) {
         throw ContextFullError("context full: " + std::to_string(tokens_.size()) + " cached + " +
                                std::to_string(tokens.size()) + " new tokens > n_ctx " + std::to_string(n_ctx()));
     }
-    for (llama_token t : tokens) {
-        if (t < 0 || t >= n_vocab()) {
-            throw std::out_of_range("token " + std::to_string(t) + " is not in the vocabulary");
-        }
-    }
+    model_->check_tokens(tokens);
     use_steering(steered);
+    const uint64_t id = steered ? steering_id_ : 0;
     const uint32_t step = n_batch_;
-    BatchPtr holder(static_cast<int32_t>(step));
+    BatchPtr holder(static_cast<int32_t>(std::min<size_t>(step, tokens.size())));
     llama_batch & batch = holder.batch;
     for (size_t start = 0; start < tokens.size(); start += step) {
-        if (check_interrupt) {
-            check_interrupt();
+        if (should_stop && should_stop()) {
+            return false;
         }
         const size_t end = std::min(tokens.size(), start + step);
         batch.n_tokens = 0;
@@ -250,7 +201,9 @@ void Session::decode(const std::vector<llama_token> & tokens, bool steered, cons
             throw std::runtime_error("llama_decode failed with code " + std::to_string(rc));
         }
         tokens_.insert(tokens_.end(), tokens.begin() + start, tokens.begin() + end);
+        token_steering_.insert(token_steering_.end(), end - start, id);
     }
+    return true;
 }
 
 namespace {
@@ -298,45 +251,63 @@ size_t utf8_complete_prefix(const std::string & s) {
 
 } // namespace
 
-GenerateResult Session::generate(int32_t max_tokens, const SamplingParams & params, const PieceCallback & on_piece) {
+GenerateResult Session::generate(int32_t max_tokens, const SamplingParams & params, const TokenCallback & on_token) {
     if (tokens_.empty()) {
         throw std::invalid_argument("generate needs a decoded prompt first");
     }
     GenerateResult result;
-    SamplerPtr sampler = make_sampler(params, n_vocab());
+    SamplerPtr sampler = make_sampler(params, model_->n_vocab());
     // Prime repetition penalties with the recent context.
     const size_t tail = std::min<size_t>(tokens_.size(), std::max(params.repeat_last_n, 0));
     for (size_t i = tokens_.size() - tail; i < tokens_.size(); ++i) {
         llama_sampler_accept(sampler.get(), tokens_[i]);
     }
+    use_steering(true);
+    const uint64_t id = steering_id_;
+    llama_batch & batch = one_token_.batch;
+    auto decode_one = [&](llama_token token) {
+        batch.n_tokens     = 1;
+        batch.token[0]     = token;
+        batch.pos[0]       = static_cast<llama_pos>(tokens_.size());
+        batch.n_seq_id[0]  = 1;
+        batch.seq_id[0][0] = 0;
+        batch.logits[0]    = true;
+        const int32_t rc = llama_decode(ctx_.get(), batch);
+        if (rc != 0) {
+            throw std::runtime_error("llama_decode failed with code " + std::to_string(rc));
+        }
+        tokens_.push_back(token);
+        token_steering_.push_back(id);
+    };
     std::string pending;
     result.stop_reason = "max_tokens";
     for (int32_t n = 0; n < max_tokens; ++n) {
         const llama_token token = llama_sampler_sample(sampler.get(), ctx_.get(), -1);
-        if (is_eog(token)) {
+        if (model_->is_eog(token)) {
             result.stop_reason = "eog";
             break;
         }
         result.tokens.push_back(token);
-        pending += token_to_piece(token, false);
+        pending += model_->token_to_piece(token, false);
         const size_t ready = utf8_complete_prefix(pending);
-        if (ready > 0 && on_piece) {
-            const bool go_on = on_piece(pending.substr(0, ready));
-            pending.erase(0, ready);
-            if (!go_on) {
-                result.stop_reason = "callback";
-                decode({token}, true);
-                break;
-            }
+        std::string stop;
+        if (on_token) {
+            stop = on_token(pending.substr(0, ready));
+        }
+        pending.erase(0, ready);
+        if (!stop.empty()) {
+            result.stop_reason = stop;
+            decode_one(token); // the cache holds every token the answer holds
+            break;
         }
         if (tokens_.size() + 1 > n_ctx()) {
             result.stop_reason = "context";
             break;
         }
-        decode({token}, true);
+        decode_one(token);
     }
-    if (!pending.empty() && on_piece) {
-        on_piece(pending);
+    if (!pending.empty() && on_token) {
+        on_token(pending);
     }
     return result;
 }
@@ -348,8 +319,9 @@ ContextPtr Session::decode_fresh(const std::vector<llama_token> & tokens, size_t
         throw std::invalid_argument("need tokens and steer_from <= their count, got " +
                                     std::to_string(tokens.size()) + " tokens, steer_from " + std::to_string(steer_from));
     }
+    model_->check_tokens(tokens);
     const uint32_t n = static_cast<uint32_t>(tokens.size());
-    ContextPtr ctx = make_context(model_.get(), n + 8, n, 1, n_threads_, cb_eval, cb_user_data);
+    ContextPtr ctx = make_context(*model_, n + 8, n, 1, n_threads_, cb_eval, cb_user_data);
     BatchPtr holder(static_cast<int32_t>(n));
     static const Steering none;
     const size_t bounds[3] = {0, steer_from, tokens.size()};
@@ -357,7 +329,7 @@ ContextPtr Session::decode_fresh(const std::vector<llama_token> & tokens, size_t
         if (bounds[part] >= bounds[part + 1]) {
             continue;
         }
-        apply_steering(ctx.get(), part == 0 ? none : steering_, n_embd());
+        apply_steering(ctx.get(), part == 0 ? none : steering_, model_->n_embd());
         llama_batch & batch = holder.batch;
         batch.n_tokens = 0;
         for (size_t i = bounds[part]; i < bounds[part + 1]; ++i) {
@@ -379,8 +351,8 @@ ContextPtr Session::decode_fresh(const std::vector<llama_token> & tokens, size_t
 
 std::vector<float> Session::layer_outputs(const std::vector<llama_token> & tokens, size_t steer_from) const {
     LayerProbe probe;
-    probe.n_embd = n_embd();
-    probe.out.assign(static_cast<size_t>(n_layer()) * n_embd(), 0.0f);
+    probe.n_embd = model_->n_embd();
+    probe.out.assign(static_cast<size_t>(model_->n_layer()) * model_->n_embd(), 0.0f);
     int32_t last_index = -1;
     decode_fresh(tokens, steer_from, probe_callback, &probe, last_index);
     return probe.out;
@@ -390,7 +362,7 @@ std::vector<float> Session::logits_after(const std::vector<llama_token> & tokens
     int32_t last_index = -1;
     ContextPtr ctx = decode_fresh(tokens, steer_from, nullptr, nullptr, last_index);
     const float * logits = llama_get_logits_ith(ctx.get(), last_index);
-    return std::vector<float>(logits, logits + n_vocab());
+    return std::vector<float>(logits, logits + model_->n_vocab());
 }
 
 } // namespace caa

@@ -1,8 +1,8 @@
-// caa-local native engine: one llama.cpp model + context, steered generation and scoring.
+// caa-local native engine: a llama.cpp context on a shared Model, steered generation.
 // Python owns files, templates and CLI; this owns llama.cpp state and every per-token loop.
 #pragma once
 
-#include <llama.h>
+#include "model.h"
 
 #include <cstdint>
 #include <functional>
@@ -13,16 +13,16 @@
 
 namespace caa {
 
-struct ModelDeleter {
-    void operator()(llama_model * m) const { llama_model_free(m); }
-};
+// llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h, not in its public headers): most sequences
+// one context holds.
+constexpr uint32_t kMaxSequences = 256;
+
 struct ContextDeleter {
     void operator()(llama_context * c) const { llama_free(c); }
 };
 struct SamplerDeleter {
     void operator()(llama_sampler * s) const { llama_sampler_free(s); }
 };
-using ModelPtr   = std::unique_ptr<llama_model, ModelDeleter>;
 using ContextPtr = std::unique_ptr<llama_context, ContextDeleter>;
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
@@ -46,6 +46,8 @@ struct Steering {
     int32_t il_start = -1;   // first steered layer, inclusive
     int32_t il_end   = -1;   // last steered layer, inclusive
     bool active() const { return !data.empty(); }
+    // Content fingerprint: equal buffers get equal ids; 0 means no steering.
+    uint64_t id() const;
 };
 
 struct SamplingParams {
@@ -60,16 +62,22 @@ struct SamplingParams {
 
 struct GenerateResult {
     std::vector<llama_token> tokens;
-    std::string stop_reason; // "eog", "max_tokens", "context", "callback"
+    std::string stop_reason; // "eog", "max_tokens", "context", or what on_token returned
 };
 
-// Receives each complete UTF-8 piece; return false to stop generating.
-using PieceCallback = std::function<bool(const std::string &)>;
+// Runs after every sampled token with the UTF-8 text completed by it ("" while a character
+// is still partial). Returns "" to go on, or the stop reason to end generation.
+using TokenCallback = std::function<std::string(const std::string & piece)>;
+// Polled between prefill batches: true stops decoding (the batches done stay cached).
+using StopCheck = std::function<bool()>;
 
 // Builds a llama.cpp context with the options caa-local uses everywhere.
-ContextPtr make_context(llama_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max,
+ContextPtr make_context(const Model & model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_seq_max,
                         int32_t n_threads, ggml_backend_sched_eval_callback cb_eval = nullptr,
                         void * cb_user_data = nullptr);
+
+// n_threads <= 0: every hardware thread the OS reports.
+int32_t pick_threads(int32_t n_threads);
 
 // Throws std::invalid_argument unless `steering` is empty or fits the model exactly.
 void validate_steering(const Steering & steering, int32_t n_layer, int32_t n_embd);
@@ -79,43 +87,34 @@ void apply_steering(llama_context * ctx, const Steering & steering, int32_t n_em
 
 class Session {
   public:
-    // n_ctx: tokens of context; n_threads <= 0 picks the hardware count; n_gpu_layers < 0: all.
-    Session(const std::string & model_path, uint32_t n_ctx, int32_t n_threads, int32_t n_gpu_layers,
-            uint32_t n_batch);
+    Session(SharedModel model, uint32_t n_ctx, int32_t n_threads, uint32_t n_batch);
 
-    int32_t n_embd() const { return llama_model_n_embd(model_.get()); }
-    int32_t n_layer() const { return llama_model_n_layer(model_.get()); }
-    int32_t n_vocab() const { return llama_vocab_n_tokens(vocab_); }
+    const Model & model() const { return *model_; }
+    const SharedModel & shared_model() const { return model_; }
     uint32_t n_ctx() const { return llama_n_ctx(ctx_.get()); }
     int32_t n_threads() const { return n_threads_; }
     uint32_t n_batch() const { return n_batch_; }
-    llama_model * model() const { return model_.get(); }
-    const llama_vocab * vocab() const { return vocab_; }
-
-    // Model metadata value for `key`, "" when absent.
-    std::string meta(const std::string & key) const;
-    std::string description() const;
-
-    std::vector<llama_token> tokenize(const std::string & text, bool add_special, bool parse_special) const;
-    std::string token_to_piece(llama_token token, bool special) const;
-    std::string detokenize(const std::vector<llama_token> & tokens, bool special) const;
-    bool is_eog(llama_token token) const { return llama_vocab_is_eog(vocab_, token); }
 
     // Steering used for every token decoded with steered = true from now on.
     void set_steering(Steering steering);
-    void clear_steering() { steering_ = Steering{}; }
+    void clear_steering() { steering_ = Steering{}; steering_id_ = 0; }
     const Steering & steering() const { return steering_; }
+    uint64_t steering_id() const { return steering_id_; }
 
-    // Tokens whose keys/values are in the cache, in order (position i = tokens()[i]).
+    // Tokens whose keys/values are in the cache, in order (position i = tokens()[i]), and the
+    // steering id each was decoded with (0: none).
     const std::vector<llama_token> & tokens() const { return tokens_; }
+    const std::vector<uint64_t> & token_steering() const { return token_steering_; }
+    // Length of the cached prefix that equals `tokens` and was decoded as they would be now:
+    // positions < steer_from with no steering, the rest with the current steering.
+    size_t reusable(const std::vector<llama_token> & tokens, size_t steer_from) const;
     // Drops cached tokens from position n_keep on.
     void truncate(size_t n_keep);
     // Decodes `tokens` after the cached ones; steered=false decodes them with no vector.
-    // `check_interrupt` runs between batches and may throw to stop.
-    void decode(const std::vector<llama_token> & tokens, bool steered,
-                const std::function<void()> & check_interrupt = nullptr);
+    // Returns false when `should_stop` ended it early (the batches done stay cached).
+    bool decode(const std::vector<llama_token> & tokens, bool steered, const StopCheck & should_stop = nullptr);
     // Samples up to max_tokens tokens after the cached ones, decoding each steered.
-    GenerateResult generate(int32_t max_tokens, const SamplingParams & params, const PieceCallback & on_piece);
+    GenerateResult generate(int32_t max_tokens, const SamplingParams & params, const TokenCallback & on_token);
 
     // Output of every block (l_out-N, N = 0..n_layer-1) at the last token of `tokens`,
     // decoded in a fresh context: positions < steer_from unsteered, the rest with the
@@ -131,15 +130,17 @@ class Session {
                             ggml_backend_sched_eval_callback cb_eval, void * cb_user_data,
                             int32_t & last_index) const;
 
-    ModelPtr model_;
+    SharedModel model_;
     ContextPtr ctx_;
-    const llama_vocab * vocab_ = nullptr;
     int32_t n_threads_;
     uint32_t n_batch_;
     Steering steering_;
+    uint64_t steering_id_ = 0;
     bool applied_ = false;         // whether ctx_'s vector is known
     bool applied_steered_ = false; // and whether it is steering_ (else none)
     std::vector<llama_token> tokens_;
+    std::vector<uint64_t> token_steering_;
+    BatchPtr one_token_{1}; // reused by generate: one decode per token
 };
 
 } // namespace caa

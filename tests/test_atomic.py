@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,28 @@ def test_json_helpers(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [{"x": 1}, {"x": 2}])
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == [{"x": 1}, {"x": 2}]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_new_outputs_get_the_mode_plain_open_gives(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        with open(plain, "w") as f:
+            f.write("x")
+        write_text(tmp_path / "atomic.txt", "x")
+        write_json(tmp_path / "atomic.json", {"a": 1})
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("atomic.txt", "atomic.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
+def test_overwritten_outputs_keep_their_mode(tmp_path: Path) -> None:
+    target = tmp_path / "shared.txt"
+    target.write_text("old")
+    target.chmod(0o604)
+    write_text(target, "new", force=True)
+    assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o604

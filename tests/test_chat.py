@@ -143,6 +143,28 @@ def test_compare_leaves_the_conversation(session: ChatSession, vector_file: Path
     assert session.engine.steering.get("rand").scale == 6.0  # steering restored after the unsteered half
 
 
+def test_compare_unsteered_half_is_the_unsteered_models_answer(engine: Engine, vector_file: Path) -> None:
+    """After steered turns the KV cache holds steered positions; /compare's unsteered answer
+    must equal what an unsteered context answers to the same conversation (decoded in the same
+    chunks: llama.cpp's numbers depend slightly on how positions were batched)."""
+    greedy = dataclasses.replace(CHAT_SAMPLING, temperature=0.0, max_tokens=12)
+    chat = ChatSession(engine, greedy, write=lambda _text: None)
+    chat.handle(f"/steer {vector_file} 6")
+    chat.handle("Hello!")
+    chat.handle("What do you like?")
+    chat.handle("/compare")
+    conversation = chat.messages[:-1]  # up to the last user message
+    tokens, end_2 = engine.prompt(conversation)
+    _, end_1 = engine.prompt(conversation[:1])
+    fresh = engine.new_context()
+    fresh.extend(tokens[:end_1], steered=False)
+    fresh.extend(tokens[end_1:end_2], steered=False)
+    expected = fresh.generate(conversation, greedy)
+    assert chat.comparisons[0]["unsteered"] == expected.text
+    assert chat.comparisons[0]["steered"] == chat.messages[-1]["content"] != expected.text
+    engine.unsteer()
+
+
 def test_interrupted_answer_is_kept(engine: Engine) -> None:
     pieces: list[str] = []
 

@@ -37,9 +37,9 @@ def test_steering_adds_exactly_mult_v_at_block_output(engine: Engine, layer: int
     tokens, steer_from = engine.prompt(MESSAGES)
     vector = random_vector(engine.n_embd, range(1, 30), 10.0)
     engine.unsteer()
-    base = engine.session.layer_outputs(tokens, steer_from)
+    base = engine.layer_outputs(tokens, steer_from)
     engine.steer("v", vector, 2.5, [layer])
-    steered = engine.session.layer_outputs(tokens, steer_from)
+    steered = engine.layer_outputs(tokens, steer_from)
     engine.unsteer()
     shift = steered - base
     # Blocks before L are untouched; block L's output moves by exactly 2.5 * v.
@@ -52,10 +52,10 @@ def test_steering_adds_exactly_mult_v_at_block_output(engine: Engine, layer: int
 def test_multiplier_zero_equals_no_vector(engine: Engine) -> None:
     tokens, steer_from = engine.prompt(MESSAGES)
     engine.unsteer()
-    plain = engine.session.logits_after(tokens, steer_from)
+    plain = engine.logits_after(tokens, steer_from)
     engine.steer("v", random_vector(engine.n_embd, range(1, 30), 50.0), 0.0, [10])
-    assert not engine.session.steering_active
-    zero = engine.session.logits_after(tokens, steer_from)
+    assert not engine.steering
+    zero = engine.logits_after(tokens, steer_from)
     engine.unsteer()
     assert np.array_equal(plain, zero)
 
@@ -66,12 +66,12 @@ def test_position_mask_leaves_the_instruction_unsteered(engine: Engine) -> None:
     # Every position before the instruction end computes as if no vector existed...
     prefix = tokens[:steer_from]
     with engine.unsteered():
-        plain_prefix = engine.session.layer_outputs(prefix, len(prefix))
-    assert np.array_equal(engine.session.layer_outputs(prefix, len(prefix)), plain_prefix)
+        plain_prefix = engine.layer_outputs(prefix, len(prefix))
+    assert np.array_equal(engine.layer_outputs(prefix, len(prefix)), plain_prefix)
     # ...and steering from the instruction end differs from steering everything and from none.
-    masked = engine.session.logits_after(tokens, steer_from)
-    everything = engine.session.logits_after(tokens, 0)
-    nothing = engine.session.logits_after(tokens, len(tokens))
+    masked = engine.logits_after(tokens, steer_from)
+    everything = engine.logits_after(tokens, 0)
+    nothing = engine.logits_after(tokens, len(tokens))
     assert not np.allclose(masked, everything) and not np.allclose(masked, nothing)
     engine.unsteer()
 
@@ -83,17 +83,17 @@ def test_instruction_end_is_the_last_prompt_token(engine: Engine) -> None:
     assert steer_from_answer == steer_from
     assert engine.detokenize(with_answer[steer_from + 1:]) == "(A"
     assert engine.detokenize(with_answer[: steer_from + 1]).endswith("<|im_start|>assistant\n") or \
-        engine.session.detokenize(with_answer[: steer_from + 1], True).endswith("<|im_start|>assistant\n")
+        engine.detokenize(with_answer[: steer_from + 1], special=True).endswith("<|im_start|>assistant\n")
 
 
 def test_chat_path_decodes_with_the_same_mask(engine: Engine) -> None:
     """generate() (unsteered prefix, then steered tail) picks the argmax of the masked logits."""
     engine.steer("v", random_vector(engine.n_embd, range(1, 30), 20.0), 1.0, [12])
     tokens, steer_from = engine.prompt(MESSAGES)
-    expected = int(np.argmax(engine.session.logits_after(tokens, steer_from)))
+    expected = int(np.argmax(engine.logits_after(tokens, steer_from)))
     result = engine.generate(MESSAGES, Sampling(temperature=0.0, max_tokens=1))
     engine.unsteer()
-    assert result.tokens == [expected] or (result.stop_reason == "eog" and engine.session.is_eog(expected))
+    assert result.tokens == [expected] or (result.stop_reason == "eog" and engine.is_eog(expected))
 
 
 def test_streamed_pieces_make_the_answer_and_kv_is_reused(engine: Engine) -> None:
@@ -111,14 +111,17 @@ def test_streamed_pieces_make_the_answer_and_kv_is_reused(engine: Engine) -> Non
 
 
 def test_bad_buffers_are_refused(engine: Engine) -> None:
+    from caa_local.engine import _native
+
+    session = _native.Session(engine._model.native, 64, 1, 64)
     short = np.zeros((engine.n_layer - 2, engine.n_embd), np.float32)
     with pytest.raises(ValueError, match="expected"):
-        engine.session.set_steering(short, 1, 5)
+        session.set_steering(short, 1, 5)
     full = np.zeros((engine.n_layer - 1, engine.n_embd), np.float32)
     with pytest.raises(ValueError, match="outside 1..29"):
-        engine.session.set_steering(full, 0, 5)
+        session.set_steering(full, 0, 5)
     with pytest.raises(ValueError, match="outside 1..29"):
-        engine.session.set_steering(full, 3, 30)
+        session.set_steering(full, 3, 30)
 
 
 def test_vector_from_another_model_is_refused(engine: Engine) -> None:
@@ -133,7 +136,7 @@ def test_vector_from_another_model_is_refused(engine: Engine) -> None:
     other = ControlVector("qwen2", {5: np.ones(576, np.float32)})
     with pytest.raises(ModelMismatchError, match="--force"):
         engine.steer("other", other, 1.0)
-    engine.steer("other", other, 1.0, force=True)
+    engine.steer("other", other, 1.0, any_arch=True)
     engine.unsteer()
 
 

@@ -50,7 +50,7 @@ def test_layer_convention_native_block_n_is_hidden_states_n_plus_1(
 ) -> None:
     model, _, _ = hf_model
     tokens, _ = prompt_ids(engine, hf_model)
-    native = engine.session.layer_outputs(tokens, len(tokens))  # row N = llama.cpp l_out-N
+    native = engine.layer_outputs(tokens, len(tokens))  # row N = llama.cpp l_out-N
     with torch.no_grad():
         out = model(torch.tensor([tokens]), output_hidden_states=True)
     hidden = [h[0, -1].float().numpy() for h in out.hidden_states]
@@ -76,9 +76,9 @@ def test_a_vector_steers_llama_cpp_like_a_torch_hook_at_the_same_block(
     vector = ControlVector("llama", {layer - 1: direction, layer: direction, layer + 1: direction})
 
     engine.unsteer()
-    base = engine.session.logits_after(tokens, steer_from)
+    base = engine.logits_after(tokens, steer_from)
     engine.steer("probe", vector, 1.0, [layer])
-    native_shift = engine.session.logits_after(tokens, steer_from) - base
+    native_shift = engine.logits_after(tokens, steer_from) - base
     engine.unsteer()
 
     ids = torch.tensor([tokens])
@@ -108,9 +108,9 @@ def test_extracted_vector_moves_both_backends_the_same_way(
     vector = extract(model, tokenizer, template, items, batch_size=4, layers=[8, 9, 10], progress=False)
     tokens, steer_from = prompt_ids(engine, hf_model)
     engine.unsteer()
-    base = engine.session.logits_after(tokens, steer_from)
+    base = engine.logits_after(tokens, steer_from)
     engine.steer("sentiment", vector, 4.0, [9])
-    native_shift = engine.session.logits_after(tokens, steer_from) - base
+    native_shift = engine.logits_after(tokens, steer_from) - base
     engine.unsteer()
     with torch.no_grad():
         ids = torch.tensor([tokens])

@@ -1,14 +1,12 @@
 """Timings of the chat REPL path, as plain dicts of floats (for `caa-local bench` and reports).
 
-- ``startup``: `caa-local chat` started in a pseudo-terminal, seconds until its first prompt.
+- ``startup_times``: `caa-local chat` started in a pseudo-terminal, seconds until its first prompt.
 - ``scale_latency``: cost of a live multiplier change (Engine.steer, the `/scale` command, and
   the extra time of the first decode after the change), in milliseconds.
-- ``decode_speed``: decode tokens/s of chat answers, unsteered and steered.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import sys
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caa_local.chat.repl import CHAT_SAMPLING, PROMPT, ChatSession
+from caa_local.chat.repl import PROMPT, ChatSession
 
 # The status line, then the prompt as prompt_toolkit draws it (escape sequences between).
 PROMPT_RE = r"\[steer: [^\]\n]*\]\r?\n(?:\x1b\[[0-9;?]*[A-Za-z]|[\x08\r])*" + PROMPT.strip()
@@ -63,13 +61,6 @@ def startup_times(runs: int = 3, n_threads: int = 2, model: str | None = None,
     return times
 
 
-def startup(runs: int = 3, n_threads: int = 2, timeout: float = 60.0) -> dict[str, float]:
-    """Start-up to the first prompt of `caa-local chat` (target: 1.5 s)."""
-    times = startup_times(runs, n_threads, None, timeout)
-    return {"startup_s_median": statistics.median(times), "startup_s_min": min(times),
-            "startup_s_max": max(times)}
-
-
 def scale_latency(engine: Engine | None = None, repeats: int = 20, n_threads: int = 2) -> dict[str, float]:
     """Milliseconds to change a multiplier live (target: 50 ms including the next decode's extra)."""
     engine = engine or Engine(n_threads=n_threads)
@@ -81,45 +72,23 @@ def scale_latency(engine: Engine | None = None, repeats: int = 20, n_threads: in
     token = engine.tokenize(" day")[-1]
     steer, command, base, after = [], [], [], []
     for i in range(repeats):
-        if len(engine.session.tokens) + 3 >= engine.session.n_ctx:
+        if len(engine.cached_tokens()) + 3 >= engine.n_ctx:
             engine.generate(messages, Sampling(max_tokens=1))
         start = time.perf_counter()
-        engine.session.decode([token], True)
+        engine.extend([token])
         base.append(time.perf_counter() - start)
         start = time.perf_counter()
         engine.steer("bench", vector, 1.0 + (i % 7))
         steer.append(time.perf_counter() - start)
         start = time.perf_counter()
-        engine.session.decode([token], True)
+        engine.extend([token])
         after.append(time.perf_counter() - start)
         start = time.perf_counter()
         session.handle(f"/scale bench {2.0 + (i % 5)}")
         command.append(time.perf_counter() - start)
-        engine.session.decode([token], True)
+        engine.extend([token])
     engine.unsteer("bench")
     ms = {k: statistics.median(v) * 1e3 for k, v in
           {"steer_ms": steer, "scale_command_ms": command, "decode_ms": base, "decode_after_change_ms": after}.items()}
     ms["change_cost_ms"] = ms["scale_command_ms"] + max(0.0, ms["decode_after_change_ms"] - ms["decode_ms"])
     return ms
-
-
-def decode_speed(engine: Engine | None = None, max_tokens: int = 64, runs: int = 3,
-                 n_threads: int = 2, scale: float = 1.0) -> dict[str, float]:
-    """Decode tokens/s of chat answers through ChatSession, unsteered and steered."""
-    engine = engine or Engine(n_threads=n_threads)
-    session = ChatSession(engine, dataclasses.replace(CHAT_SAMPLING, max_tokens=max_tokens),
-                          write=lambda _text: None)
-    out: dict[str, float] = {}
-    for label in ("unsteered", "steered"):
-        if label == "steered":
-            engine.steer("bench", random_vector(engine), scale)
-        tokens, seconds = 0, 0.0
-        for run in range(runs):
-            session.handle("/reset")
-            result = session.ask(f"Write a short story about a lighthouse keeper, number {run}.")
-            tokens += len(result.tokens)
-            seconds += result.decode_seconds
-        out[f"{label}_tok_s"] = tokens / seconds if seconds else 0.0
-    engine.unsteer("bench")
-    out["steered_over_unsteered"] = out["steered_tok_s"] / out["unsteered_tok_s"] if out["unsteered_tok_s"] else 0.0
-    return out

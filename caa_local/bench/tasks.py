@@ -103,10 +103,10 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     from llama_cpp import Llama
 
     from caa_local.bench.chat import random_vector, scale_latency
-    from caa_local.engine.scoring import Setting, choices_from_items, score_ab, score_ab_naive
+    from caa_local.engine.scoring import Setting, choices_from_items, score_ab_naive
 
     engine = _engine(cfg)
-    threads = engine.session.n_threads
+    threads = engine.n_threads
     llm = Llama(str(engine.model_path), n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     messages = [{"role": "user", "content": STORY}]
     tokens, _ = engine.prompt(messages)
@@ -118,7 +118,7 @@ def _native_group(cfg: Config) -> dict[str, Any]:
         llm.eval(tokens)
         n, start = 0, time.perf_counter()
         for token in llm.generate(tokens, top_k=40, top_p=0.95, min_p=0.05, temp=0.0, repeat_penalty=1.0):
-            if n == cfg.decode_tokens or engine.session.is_eog(token):
+            if n == cfg.decode_tokens or engine.is_eog(token):
                 break
             n += 1
         return n / (time.perf_counter() - start)
@@ -146,8 +146,8 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     long_prompt = engine.tokenize(text)[: cfg.prefill_tokens]
 
     def native_prefill() -> float:
-        engine.session.truncate(0)
-        return timed_rate(len(long_prompt), lambda: engine.session.decode(long_prompt, False))
+        engine.reset()
+        return timed_rate(len(long_prompt), lambda: engine.extend(long_prompt, steered=False))
 
     def llama_prefill() -> float:
         llm.reset()
@@ -155,7 +155,7 @@ def _native_group(cfg: Config) -> dict[str, Any]:
 
     native, base = interleaved(cfg.repeats, native_prefill, llama_prefill)
     figures["prefill_native_vs_llama_cpp_python"] = {"value": native, "baseline": base}
-    engine.session.truncate(0)
+    engine.reset()
     llm.close()  # frees its model before the next measurement
 
     from caa_local.core.datasets import load_ab
@@ -167,15 +167,11 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     n_scores = len(choices) * len(settings)
 
     def redecode() -> None:
-        engine.positions = "all"  # the same batched scorer, every prompt decoded in full per setting
-        try:
-            score_ab(engine, choices, settings)
-        finally:
-            engine.positions = "response"
+        engine.score_ab(choices, settings, positions="all")  # the same batched scorer, every prompt in full
 
     reuse, naive, full = interleaved(
         cfg.repeats,
-        lambda: timed_rate(n_scores, lambda: score_ab(engine, choices, settings)),
+        lambda: timed_rate(n_scores, lambda: engine.score_ab(choices, settings)),
         lambda: timed_rate(n_scores, lambda: [score_ab_naive(engine, choices, s) for s in settings]),
         lambda: timed_rate(n_scores, redecode),
     )
@@ -208,7 +204,7 @@ def _torch_group(cfg: Config) -> dict[str, Any]:
     from caa_local.torch.steer import steer
 
     engine = _engine(cfg)
-    threads = engine.session.n_threads
+    threads = engine.n_threads
     torch.set_num_threads(threads)
     model, tokenizer, _info = load_hf(cfg.model)
     messages = [{"role": "user", "content": STORY}]
@@ -227,7 +223,7 @@ def _torch_group(cfg: Config) -> dict[str, Any]:
             out = model(input_ids=torch.tensor([tokens]), use_cache=True, **{_cache_arg(model): cache})
             next_id = out.logits[:, -1].argmax(-1, keepdim=True)
             n, start = 0, time.perf_counter()
-            while n < cfg.torch_decode_tokens and not engine.session.is_eog(int(next_id)):
+            while n < cfg.torch_decode_tokens and not engine.is_eog(int(next_id)):
                 n += 1
                 out = model(input_ids=next_id, use_cache=True, **{_cache_arg(model): cache})
                 next_id = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -252,16 +248,16 @@ def _torch_group(cfg: Config) -> dict[str, Any]:
 def _rss_generate_group(cfg: Config) -> dict[str, Any]:
     engine = _engine(cfg)
     engine.generate([{"role": "user", "content": STORY}], _greedy(cfg.decode_tokens))
-    meta, arch = engine.session.meta, engine.architecture
+    meta, arch = engine.meta, engine.architecture
     n_head = int(meta(f"{arch}.attention.head_count") or 1)
     n_head_kv = int(meta(f"{arch}.attention.head_count_kv") or n_head)
     k_dim = int(meta(f"{arch}.attention.key_length") or engine.n_embd // n_head)
     v_dim = int(meta(f"{arch}.attention.value_length") or k_dim)
-    kv_bytes = engine.session.n_ctx * engine.n_layer * n_head_kv * (k_dim + v_dim) * 2  # f16 K and V
+    kv_bytes = engine.n_ctx * engine.n_layer * n_head_kv * (k_dim + v_dim) * 2  # f16 K and V
     budget = (engine.model_path.stat().st_size + kv_bytes) / (1 << 20) + 150
     return {"figures": {"peak_rss_generate_mib": {"value": [peak_rss_mib()]}},
             "facts": {"rss_budget_mib": budget, "kv_cache_mib": kv_bytes / (1 << 20),
-                      "gguf_mib": engine.model_path.stat().st_size / (1 << 20), "n_ctx": engine.session.n_ctx}}
+                      "gguf_mib": engine.model_path.stat().st_size / (1 << 20), "n_ctx": engine.n_ctx}}
 
 
 def _rss_extract_group(cfg: Config) -> dict[str, Any]:

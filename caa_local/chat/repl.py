@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from caa_local.core.atomic import write_json
-from caa_local.engine.engine import ContextFullError, Engine, GenerationResult, Sampling
+from caa_local.engine.engine import ContextFullError, Engine, GenerationResult, Sampling, check_positions
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import parse_layer_spec
 from caa_local.core.locate import shipped_vector_names
@@ -53,10 +53,12 @@ class ChatSession:
     """Messages, sampling and a transcript around one Engine; ``handle`` runs one input line."""
 
     def __init__(self, engine: Engine, sampling: Sampling = CHAT_SAMPLING, system: str | None = None,
-                 write: Callable[[str], None] | None = None, force: bool = False) -> None:
+                 write: Callable[[str], None] | None = None, force: bool = False,
+                 positions: str = "response") -> None:
         self.engine = engine
         self.sampling = sampling
-        self.force = force
+        self.force = force  # accept vectors made for another architecture
+        self.positions = check_positions(positions)
         self.messages: list[Message] = []
         self.transcript: list[dict[str, object]] = []
         self.comparisons: list[dict[str, object]] = []
@@ -140,8 +142,8 @@ class ChatSession:
     def _answer(self, messages: list[Message]) -> GenerationResult:
         """Stream an answer to ``messages``; on a full context drop the oldest exchange and retry."""
         alone = [m for m in messages[:1] if m["role"] == "system"] + messages[-1:]
-        if len(self.engine.prompt(alone)[0]) >= self.engine.session.n_ctx:
-            raise CaaError(f"this message does not fit the context of {self.engine.session.n_ctx} "
+        if len(self.engine.prompt(alone)[0]) >= self.engine.n_ctx:
+            raise CaaError(f"this message does not fit the context of {self.engine.n_ctx} "
                            "tokens, even alone (use --ctx to enlarge it)")
         while True:
             try:
@@ -153,7 +155,7 @@ class ChatSession:
 
     def _stream(self, messages: list[Message]) -> GenerationResult:
         try:
-            result = self.engine.generate(messages, self.sampling, on_piece=self.out)
+            result = self.engine.generate(messages, self.sampling, on_piece=self.out, positions=self.positions)
         except KeyboardInterrupt:  # during the prompt, before the first token
             result = GenerationResult("", [], "interrupted", 0, 0, 0.0, 0.0, self.engine.steering.to_dict())
         self.say("[interrupted]" if result.stop_reason == "interrupted" else
@@ -188,7 +190,7 @@ class ChatSession:
         name = path.stem
         if scale is None:
             scale = vector.recommended_multiplier() or 1.0
-        term = self.engine.steer(name, vector, scale, layers, self.force)
+        term = self.engine.steer(name, vector, scale, layers, any_arch=self.force)
         self.say(f"steering: {term.describe()}")
         if warning := multiplier_warning(scale):
             self.say(warning)
@@ -210,7 +212,8 @@ class ChatSession:
         scale = parse_scale(value, "/scale")
         term = self._term(name)
         start = time.perf_counter()
-        term = self.engine.steer(name, term.vector, scale, term.layers, self.force)
+        term = term.with_scale(scale)
+        self.engine.set_steering([term if t.name == name else t for t in self.engine.steering.terms])
         self.say(f"steering: {term.describe()} (applied in {(time.perf_counter() - start) * 1e3:.2f} ms)")
         if warning := multiplier_warning(scale):
             self.say(warning)
@@ -221,16 +224,9 @@ class ChatSession:
         if not terms:
             raise CaaError("no active vectors (use /steer first)")
         layers = tuple(parse_layer_spec(args[-1], self.engine.n_layer))
-        steering, before = self.engine.steering, list(terms)
-        try:
-            for term in terms:
-                steering.set(term.name, term.vector, term.scale, layers)
-        except CaaError:
-            for term in before:  # all or nothing
-                steering.set(term.name, term.vector, term.scale, term.layers)
-            raise
-        self.engine.apply_steering()
-        self.say(f"steering: {steering.describe()}")
+        moved = {t.name: t.with_layers(layers) for t in terms}
+        self.engine.set_steering([moved.get(t.name, t) for t in self.engine.steering.terms])  # all or nothing
+        self.say(f"steering: {self.engine.steering.describe()}")
 
     def cmd_compare(self, rest: str) -> None:
         if rest:
@@ -296,5 +292,5 @@ class ChatSession:
 
     def to_dict(self) -> dict[str, object]:
         return {"model": self.engine.model_name, "model_path": str(self.engine.model_path),
-                "positions": self.engine.positions, "turns": self.transcript,
+                "positions": self.positions, "turns": self.transcript,
                 "comparisons": self.comparisons}

@@ -103,16 +103,14 @@ def warn(message: str) -> None:
     click.echo(message, err=True)
 
 
-def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                positions: str = "response"):  # noqa: ANN201 - Engine, imported lazily
+def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int):  # noqa: ANN201 - Engine, imported lazily
     """The engine for --model/--ctx/--threads/--gpu-layers; warns when --ctx passes the training context."""
     if n_threads < 0:
         raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
     from caa_local.engine.engine import Engine
 
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                    positions=positions)
-    trained = engine.session.meta(f"{engine.architecture}.context_length")
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    trained = engine.meta(f"{engine.architecture}.context_length")
     if trained.isdigit() and n_ctx > int(trained):
         warn(f"Warning: --ctx {n_ctx} is beyond the {int(trained)} tokens {engine.model_path.name} "
              "was trained on; expect worse answers past that point")
@@ -121,7 +119,7 @@ def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layer
 
 def clamp_max_tokens(max_tokens: int, engine: Any) -> int:
     """--max-tokens, at most the context size (with a warning): an answer cannot outgrow it."""
-    n_ctx = int(engine.session.n_ctx)
+    n_ctx = engine.n_ctx
     if max_tokens <= n_ctx:
         return max_tokens
     warn(f"Warning: --max-tokens {max_tokens} is larger than the context of {n_ctx} tokens; "

@@ -102,7 +102,7 @@ def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: in
     if layers:
         parse_layer_spec(layers)  # syntax errors before the model loads
     warn_multipliers(scale for _, _, scale in loaded)
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
     steer_all(engine, loaded, layers, force)
     sampling = dataclasses.replace(CHAT_SAMPLING, temperature=temperature, top_p=top_p,
                                    max_tokens=clamp_max_tokens(max_tokens, engine), seed=seed)
@@ -191,7 +191,7 @@ def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
     from caa_local.chat.repl import ChatSession
 
     preload.join()
-    repl(ChatSession(engine, sampling, system=system, force=force))
+    repl(ChatSession(engine, sampling, system=system, force=force, positions=positions))
 
 
 @click.command()
@@ -219,7 +219,7 @@ def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n
                               positions, force, temperature, top_p, max_tokens, seed)
     from caa_local.chat.repl import ChatSession
 
-    session = ChatSession(engine, sampling, system=system, force=force)
+    session = ChatSession(engine, sampling, system=system, force=force, positions=positions)
     result = session.ask(prompt)
     if json_path is not None:
         write_json(json_path, {**session.to_dict(), "prompt": prompt, "text": result.text, "steering": result.steering,
@@ -227,7 +227,7 @@ def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n
                                "prompt_seconds": result.prompt_seconds, "decode_seconds": result.decode_seconds,
                                "tokens_per_second": result.decode_tokens_per_second}, force=force)
     if result.stop_reason == "context":
-        warn(f"Note: the answer stopped when the context of {engine.session.n_ctx} tokens filled "
+        warn(f"Note: the answer stopped when the context of {engine.n_ctx} tokens filled "
              "(--ctx enlarges it)")
     if result.stop_reason == "interrupted":
         warn("Interrupted.")

@@ -142,9 +142,9 @@ def eval_ab(vector_name: str, dataset: str, layer_spec: str | None, multipliers:
                                     mults, system, positions, update)
             model_name = info.name
         else:
-            engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
+            engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
             layers = _layers(layer_spec, vector, vector_path, engine.n_layer)
-            result = ab_sweep(engine, vector, items, layers, mults, system, update, force)
+            result = ab_sweep(engine, vector, items, layers, mults, system, update, force, positions)
             model_name = engine.model_path.name
     result.info.update(model=model_name, vector=str(vector_path), dataset=data.name,
                        dataset_sha256=data.sha256, split=part, seconds=round(time.perf_counter() - start, 2))

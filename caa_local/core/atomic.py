@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,25 @@ def check_writable(path: Path, force: bool) -> None:
         raise OutputExistsError(f"{path}: is a directory, expected a file path")
 
 
+def _umask() -> int:
+    # /proc first: os.umask can only be read by setting it, which races with other threads.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_open_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: an existing file keeps its own,
+    a new one gets 0666 less the umask (mkstemp's temporary files are 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; move it onto ``path`` on success."""
@@ -40,6 +60,8 @@ def atomic_path(path: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # After the body: a writer may have replaced tmp by its own file.
+        os.chmod(tmp, plain_open_mode(path))
         os.replace(tmp, path)
     finally:
         # BaseException too: Ctrl-C must not leave the temporary file behind.

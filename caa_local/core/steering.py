@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
 
 from caa_local.core.errors import CaaError
-from caa_local.core.layers import cvec_buffer, format_layers
+from caa_local.core.layers import check_steerable, cvec_buffer, format_layers
 from caa_local.core.vector import ControlVector
 
 ABSURD_MULTIPLIER = 50.0
@@ -18,15 +18,30 @@ ABSURD_MULTIPLIER = 50.0
 
 @dataclass(frozen=True)
 class SteeringTerm:
-    """One vector at one scale on some of its layers."""
+    """One vector at one scale on some of its layers (build it with ``make_term``)."""
 
     name: str
     vector: ControlVector
     scale: float
     layers: tuple[int, ...]
+    # The model shape (n_embd, n_layer) this term was validated for; set by the engine, which
+    # then never checks the vector again.
+    checked_for: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"{self.name} x{self.scale:+g} @ {format_layers(self.layers)}"
+
+    def with_scale(self, scale: float) -> SteeringTerm:
+        """The same vector and layers at another multiplier (stays validated)."""
+        return replace(self, scale=check_multiplier(scale))
+
+    def with_layers(self, layers: Sequence[int]) -> SteeringTerm:
+        """The same vector and multiplier on other layers, each held by the vector (stays validated)."""
+        moved = make_term(self.name, self.vector, self.scale, layers)
+        if self.checked_for is not None:
+            for layer in moved.layers:
+                check_steerable(layer, self.checked_for[1])
+        return replace(moved, checked_for=self.checked_for)
 
 
 def default_layers(vector: ControlVector) -> tuple[int, ...]:
@@ -65,35 +80,47 @@ def multiplier_warning(scale: float) -> str | None:
             f"(|x| > {ABSURD_MULTIPLIER:g}); expect gibberish")
 
 
+def make_term(name: str, vector: ControlVector, scale: float,
+              layers: Sequence[int] | None = None) -> SteeringTerm:
+    """A term on ``layers`` (default: ``default_layers``), each of them held by the vector.
+
+    Model-independent checks only; ``Engine.make_term`` adds the model's.
+    """
+    chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
+    missing = [layer for layer in chosen if layer not in vector.directions]
+    if missing:
+        raise CaaError(
+            f"vector {name!r} has no direction for layer {missing[0]} "
+            f"(it holds {format_layers(vector.layers)})"
+        )
+    return SteeringTerm(name, vector, check_multiplier(scale), chosen)
+
+
 class Steering:
-    """An ordered set of named terms; ``buffer`` lays them out for llama.cpp."""
+    """An immutable, ordered set of named terms; ``buffer`` lays them out for llama.cpp.
 
-    def __init__(self) -> None:
+    A later term replaces an earlier one of the same name.
+    """
+
+    def __init__(self, terms: Iterable[SteeringTerm] = ()) -> None:
         self._terms: dict[str, SteeringTerm] = {}
+        for term in terms:
+            self._terms[term.name] = term
 
-    def set(self, name: str, vector: ControlVector, scale: float, layers: tuple[int, ...] | None = None) -> SteeringTerm:
-        chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
-        missing = [layer for layer in chosen if layer not in vector.directions]
-        if missing:
-            raise CaaError(
-                f"vector {name!r} has no direction for layer {missing[0]} "
-                f"(it holds {format_layers(vector.layers)})"
-            )
-        term = SteeringTerm(name, vector, check_multiplier(scale), chosen)
-        self._terms[name] = term
-        return term
+    def with_term(self, term: SteeringTerm) -> Steering:
+        """This steering with ``term`` added, or replacing the term of its name in place."""
+        terms = dict(self._terms)
+        terms[term.name] = term
+        return Steering(terms.values())
 
-    def remove(self, name: str) -> None:
+    def without(self, name: str) -> Steering:
         if name not in self._terms:
             raise CaaError(f"no active vector named {name!r} (active: {', '.join(self._terms) or 'none'})")
-        del self._terms[name]
-
-    def clear(self) -> None:
-        self._terms.clear()
+        return Steering(t for t in self._terms.values() if t.name != name)
 
     @property
-    def terms(self) -> list[SteeringTerm]:
-        return list(self._terms.values())
+    def terms(self) -> tuple[SteeringTerm, ...]:
+        return tuple(self._terms.values())
 
     def get(self, name: str) -> SteeringTerm | None:
         return self._terms.get(name)
@@ -117,7 +144,8 @@ class Steering:
             return None
         summed: dict[int, npt.NDArray[np.float32]] = {}
         for term in self._terms.values():
-            term.vector.check_fits(n_embd, n_layer, where=term.name)
+            if term.checked_for != (n_embd, n_layer):  # validated once, where it entered
+                term.vector.check_fits(n_embd, n_layer, where=term.name)
             for layer in term.layers:
                 add = term.vector.directions[layer] * np.float32(term.scale)
                 summed[layer] = summed[layer] + add if layer in summed else add

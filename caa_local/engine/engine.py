@@ -9,25 +9,39 @@ The public scripting API::
 
 Steering follows the paper's position mask: every token before the end of the user's
 instruction is decoded unsteered, the instruction's last token and everything after it
-steered (``positions="all"`` steers every token, as llama.cpp's own CLI does).
+steered (``positions="all"`` steers every token, as llama.cpp's own CLI does). Positions are
+chosen per call.
+
+The Engine is the only door to steering: ``steer``, ``unsteer``, ``set_steering`` and the
+scoped ``steered()``/``unsteered()``; ``engine.steering`` is a read-only snapshot. One loaded
+model serves several contexts: ``engine.new_context()`` gives another Engine on the same
+weights with its own KV cache and steering, usable from another thread (the native decode
+loops release the GIL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 
-from caa_local.engine import _native
 from caa_local.core.errors import CaaError, ModelLoadError, ModelMismatchError
 from caa_local.core.locate import resolve_gguf
-from caa_local.core.steering import Steering, SteeringTerm
-from caa_local.core.templates import CHATML, ChatTemplate, Message, instruction_end, shared_prefix
+from caa_local.core.steering import Steering, SteeringTerm, check_multiplier
+from caa_local.core.steering import make_term as _plain_term
+from caa_local.core.templates import CHATML, ChatTemplate, Message, instruction_end
 from caa_local.core.vector import ControlVector
+from caa_local.engine import _native
+
+if TYPE_CHECKING:
+    from caa_local.engine.scoring import ABScores, Choice, Setting
 
 POSITIONS = ("response", "all")
 
@@ -40,7 +54,7 @@ class ContextFullError(CaaError):
 class GenerationResult:
     text: str
     tokens: list[int]
-    stop_reason: str  # eog | max_tokens | context | callback | interrupted
+    stop_reason: str  # eog | max_tokens | context | callback | stopped | interrupted
     n_prompt_tokens: int
     n_reused_tokens: int
     prompt_seconds: float
@@ -63,8 +77,41 @@ class Sampling:
     max_tokens: int = 256
 
 
+def check_positions(positions: str) -> str:
+    if positions not in POSITIONS:
+        raise CaaError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    return positions
+
+
+class _LoadedModel:
+    """What every context on one model file shares: the weights, template and facts."""
+
+    def __init__(self, path: Path, n_gpu_layers: int) -> None:
+        self.path = path
+        try:
+            self.native = _native.Model(str(path), n_gpu_layers)
+        except (ValueError, RuntimeError) as err:
+            raise ModelLoadError(f"{path}: {err}") from None
+        self.n_embd: int = self.native.n_embd
+        self.n_layer: int = self.native.n_layer
+        self.n_vocab: int = self.native.n_vocab
+        self.architecture: str = self.native.meta("general.architecture")
+        self.name: str = self.native.meta("general.name") or path.stem
+        self.template = ChatTemplate(self.native.meta("tokenizer.chat_template") or CHATML,
+                                     self._special("tokenizer.ggml.bos_token_id"),
+                                     self._special("tokenizer.ggml.eos_token_id"))
+        self.cvec_checked = False
+        self.lock = threading.Lock()
+
+    def _special(self, key: str) -> str:
+        value = self.native.meta(key)
+        if not value.isdigit() or int(value) >= self.n_vocab:
+            return ""
+        return self.native.token_to_piece(int(value), True).decode("utf-8", "replace")
+
+
 class Engine:
-    """One model and its context; steering can change between any two tokens."""
+    """One context on a loaded model; steering can change between any two tokens."""
 
     def __init__(
         self,
@@ -73,138 +120,207 @@ class Engine:
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
-        positions: str = "response",
     ) -> None:
-        if positions not in POSITIONS:
-            raise CaaError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
+        self._check_sizes(n_ctx, n_threads)
+        self._open(_LoadedModel(resolve_gguf(model), n_gpu_layers), n_ctx, n_threads, n_batch)
+
+    @staticmethod
+    def _check_sizes(n_ctx: int, n_threads: int) -> None:
         if n_ctx < 16:
             raise CaaError(f"context size must be at least 16 tokens, got {n_ctx}")
         if n_threads < 0:
             raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
-        self.model_path = resolve_gguf(model)
+
+    def _open(self, loaded: _LoadedModel, n_ctx: int, n_threads: int, n_batch: int) -> None:
+        self._model = loaded
         try:
-            self.session = _native.Session(str(self.model_path), n_ctx, n_threads, n_gpu_layers, n_batch)
+            self._session = _native.Session(loaded.native, n_ctx, n_threads, n_batch)
         except (ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"{self.model_path}: {err}") from None
-        self.positions = positions
-        self.n_embd: int = self.session.n_embd
-        self.n_layer: int = self.session.n_layer
-        self.architecture: str = self.session.meta("general.architecture")
-        self.model_name: str = self.session.meta("general.name") or self.model_path.stem
-        self.template = self._load_template()
-        self.steering = Steering()
-        self._cvec_checked = False
+            raise ModelLoadError(f"{loaded.path}: {err}") from None
+        self._steering = Steering()
+        self._n_threads_asked = n_threads
+        self._n_batch = n_batch
+
+    def new_context(self, n_ctx: int | None = None) -> Engine:
+        """Another Engine on the same loaded model (no second load), with its own KV cache and
+        steering (none); safe to use from another thread."""
+        n_ctx = self.n_ctx if n_ctx is None else n_ctx
+        self._check_sizes(n_ctx, self._n_threads_asked)
+        other = Engine.__new__(Engine)
+        other._open(self._model, n_ctx, self._n_threads_asked, self._n_batch)
+        return other
+
+    # -- facts ------------------------------------------------------------------------------
+    @property
+    def model_path(self) -> Path:
+        return self._model.path
+
+    @property
+    def model_name(self) -> str:
+        return self._model.name
+
+    @property
+    def architecture(self) -> str:
+        return self._model.architecture
+
+    @property
+    def n_embd(self) -> int:
+        return self._model.n_embd
+
+    @property
+    def n_layer(self) -> int:
+        return self._model.n_layer
+
+    @property
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._session.n_ctx)
+
+    @property
+    def n_threads(self) -> int:
+        """Threads llama.cpp runs with (0 asked: every hardware thread)."""
+        return int(self._session.n_threads)
+
+    @property
+    def template(self) -> ChatTemplate:
+        return self._model.template
+
+    def meta(self, key: str) -> str:
+        """The model's GGUF metadata value for ``key`` as a string, '' when absent."""
+        return self._model.native.meta(key)
 
     # -- text -------------------------------------------------------------------------------
-    def _special(self, key: str) -> str:
-        value = self.session.meta(key)
-        if not value.isdigit() or int(value) >= self.session.n_vocab:
-            return ""
-        return self.session.token_to_piece(int(value), True).decode("utf-8", "replace")
-
-    def _load_template(self) -> ChatTemplate:
-        source = self.session.meta("tokenizer.chat_template") or CHATML
-        return ChatTemplate(source, self._special("tokenizer.ggml.bos_token_id"),
-                            self._special("tokenizer.ggml.eos_token_id"))
-
     def tokenize(self, text: str) -> list[int]:
         # Templates render BOS themselves, as transformers' apply_chat_template does.
-        return self.session.tokenize(text, False, True)
+        return self._model.native.tokenize(text, False, True)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.session.detokenize(list(tokens), False)
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Text of ``tokens``; ``special`` renders control tokens (e.g. <|im_start|>) too."""
+        return self._model.native.detokenize(list(tokens), special)
 
-    def prompt(self, messages: Sequence[Message], suffix: str = "") -> tuple[list[int], int]:
+    def is_eog(self, token: int) -> bool:
+        return bool(self._model.native.is_eog(token))
+
+    def prompt(self, messages: Sequence[Message], suffix: str = "",
+               positions: str = "response") -> tuple[list[int], int]:
         """Tokens of the chat-templated prompt (+ suffix) and where steering starts."""
+        check_positions(positions)
         text = self.template.render(messages, add_generation_prompt=True)
         prompt_tokens = self.tokenize(text)
         tokens = self.tokenize(text + suffix) if suffix else prompt_tokens
-        steer_from = 0 if self.positions == "all" else instruction_end(prompt_tokens, tokens)
+        steer_from = 0 if positions == "all" else instruction_end(prompt_tokens, tokens)
         return tokens, steer_from
 
     # -- steering ---------------------------------------------------------------------------
-    def check_vector(self, vector: ControlVector, where: str, force: bool = False) -> None:
-        """Shape errors always; a model-hint mismatch only without ``force``."""
-        vector.check_fits(self.n_embd, self.n_layer, where)
-        if vector.model_hint != self.architecture and not force:
+    @property
+    def steering(self) -> Steering:
+        """The current steering: an immutable snapshot (change it through Engine methods)."""
+        return self._steering
+
+    def make_term(self, name: str, vector: ControlVector, scale: float,
+                  layers: Sequence[int] | None = None, any_arch: bool = False) -> SteeringTerm:
+        """A term checked once against this model: shapes and layers always, the vector's
+        architecture hint unless ``any_arch``."""
+        vector.check_fits(self.n_embd, self.n_layer, name)
+        if vector.model_hint != self.architecture and not any_arch:
             raise ModelMismatchError(
-                f"{where}: made for a {vector.model_hint!r} model, this one is "
+                f"{name}: made for a {vector.model_hint!r} model, this one is "
                 f"{self.architecture!r} (use --force if the shapes are meant to match)"
             )
+        term = _plain_term(name, vector, scale, layers)
+        return SteeringTerm(term.name, term.vector, term.scale, term.layers,
+                            checked_for=(self.n_embd, self.n_layer))
+
+    def _checked(self, term: SteeringTerm) -> SteeringTerm:
+        if term.checked_for == (self.n_embd, self.n_layer):
+            check_multiplier(term.scale)
+            return term
+        return self.make_term(term.name, term.vector, term.scale, term.layers, any_arch=True)
 
     def steer(self, name: str, vector: ControlVector, scale: float,
-              layers: Sequence[int] | None = None, force: bool = False) -> SteeringTerm:
-        self.check_vector(vector, name, force)
-        term = self.steering.set(name, vector, scale, tuple(layers) if layers else None)
-        self.apply_steering()
+              layers: Sequence[int] | None = None, any_arch: bool = False) -> SteeringTerm:
+        """Add (or replace) the term ``name``; it applies from the next decoded token."""
+        term = self.make_term(name, vector, scale, layers, any_arch)
+        self._install(self._steering.with_term(term))
         return term
 
     def unsteer(self, name: str | None = None) -> None:
-        if name is None:
-            self.steering.clear()
-        else:
-            self.steering.remove(name)
-        self.apply_steering()
+        """Remove the term ``name``, or every term."""
+        self._install(Steering() if name is None else self._steering.without(name))
 
-    def apply_steering(self) -> None:
+    def set_steering(self, terms: Sequence[SteeringTerm]) -> None:
+        """Replace all steering at once (all or nothing)."""
+        self._install(Steering(self._checked(t) for t in terms))
+
+    @contextlib.contextmanager
+    def steered(self, terms: Sequence[SteeringTerm]) -> Iterator[Engine]:
+        """Steer with exactly ``terms`` inside the block; the previous steering comes back after."""
+        saved = self._steering
+        self.set_steering(terms)
+        try:
+            yield self
+        finally:
+            self._install(saved)
+
+    def unsteered(self) -> contextlib.AbstractContextManager[Engine]:
+        return self.steered(())
+
+    def _install(self, steering: Steering) -> None:
         """Hand the composed buffer to llama.cpp; it applies from the next decoded token."""
-        packed = self.steering.buffer(self.n_embd, self.n_layer)
+        packed = steering.buffer(self.n_embd, self.n_layer)
         if packed is None:
-            self.session.clear_steering()
-            return
-        self._check_architecture_steers()
-        buf, il_start, il_end = packed
-        self.session.set_steering(buf, il_start, il_end)
+            self._session.clear_steering()
+        else:
+            self._check_architecture_steers()
+            self._session.set_steering(*packed)
+        self._steering = steering
 
     def _check_architecture_steers(self) -> None:
         """Some architectures build no control-vector op and ignore vectors: refuse them."""
-        if self._cvec_checked:
-            return
-        probe = np.zeros((self.n_layer - 1, self.n_embd), np.float32)
-        probe[:] = np.random.default_rng(0).standard_normal(self.n_embd).astype(np.float32) * 50
-        tokens = self.tokenize("Hello")[:4] or [0]
-        before = self.session.logits_after(tokens, len(tokens))
-        saved = self.steering.buffer(self.n_embd, self.n_layer)
-        self.session.set_steering(probe, 1, self.n_layer - 1)
-        after = self.session.logits_after(tokens, 0)
-        self.session.clear_steering()
-        if np.array_equal(before, after):
-            raise ModelMismatchError(
-                f"{self.model_path.name}: architecture {self.architecture!r} ignores control "
-                "vectors in llama.cpp; steering it would silently do nothing"
-            )
-        if saved is not None:
-            self.session.set_steering(*saved)
-        self._cvec_checked = True
-
-    @contextlib.contextmanager
-    def unsteered(self) -> Iterator[None]:
-        self.session.clear_steering()
-        try:
-            yield
-        finally:
-            self.apply_steering()
+        loaded = self._model
+        with loaded.lock:
+            if loaded.cvec_checked:
+                return
+            probe_session = _native.Session(loaded.native, 64, self._n_threads_asked, 64)
+            probe = np.zeros((self.n_layer - 1, self.n_embd), np.float32)
+            probe[:] = np.random.default_rng(0).standard_normal(self.n_embd).astype(np.float32) * 50
+            tokens = self.tokenize("Hello")[:4] or [0]
+            before = probe_session.logits_after(tokens, len(tokens))
+            probe_session.set_steering(probe, 1, self.n_layer - 1)
+            after = probe_session.logits_after(tokens, 0)
+            if np.array_equal(before, after):
+                raise ModelMismatchError(
+                    f"{self.model_path.name}: architecture {self.architecture!r} ignores control "
+                    "vectors in llama.cpp; steering it would silently do nothing"
+                )
+            loaded.cvec_checked = True
 
     # -- generation -------------------------------------------------------------------------
-    def _feed(self, tokens: list[int], steer_from: int, headroom: int) -> int:
-        """Bring the KV cache to ``tokens``, reusing the longest cached prefix.
+    def _feed(self, tokens: list[int], steer_from: int, headroom: int,
+              should_stop: Callable[[], bool] | None) -> tuple[int, bool]:
+        """Bring the KV cache to ``tokens``: positions before ``steer_from`` unsteered, the
+        rest with the current steering. Reuses the longest cached prefix decoded exactly so.
 
-        The steered part (from ``steer_from``) is always decoded anew with the current
-        steering. Returns how many tokens were reused.
+        Returns (tokens reused, whether should_stop ended it early).
         """
-        if len(tokens) + max(headroom, 1) > self.session.n_ctx:
+        session = self._session
+        if len(tokens) + max(headroom, 1) > session.n_ctx:
             raise ContextFullError(
                 f"prompt of {len(tokens)} tokens + {headroom} to generate does not fit "
-                f"the context of {self.session.n_ctx} tokens (use --ctx to enlarge it)"
+                f"the context of {session.n_ctx} tokens (use --ctx to enlarge it)"
             )
-        keep = min(shared_prefix(self.session.tokens, tokens), steer_from, len(tokens) - 1)
-        self.session.truncate(keep)
+        # The last token is always decoded again: its logits start the answer.
+        keep = min(session.reusable(tokens, steer_from), len(tokens) - 1)
+        session.truncate(keep)
         try:
-            self.session.decode(tokens[keep:steer_from], False)
-            self.session.decode(tokens[max(keep, steer_from):], True)
+            done = (session.decode(tokens[keep:steer_from], False, should_stop)
+                    and session.decode(tokens[max(keep, steer_from):], True, should_stop))
         except _native.ContextFullError as err:
             raise ContextFullError(str(err)) from None
-        return keep
+        return keep, not done
 
     def generate(
         self,
@@ -212,40 +328,88 @@ class Engine:
         sampling: Sampling = Sampling(),
         on_piece: Callable[[str], bool | None] | None = None,
         suffix: str = "",
+        positions: str = "response",
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
         """Answer the last user message; pieces stream to ``on_piece`` as they come.
 
-        Ctrl-C stops the answer: the result then has stop_reason 'interrupted' and keeps
-        the text generated so far (the caller decides whether to keep it).
+        ``on_piece`` returning False ends the answer (stop_reason 'callback');
+        ``should_stop()`` is polled between prompt batches and tokens (True: 'stopped').
+        Ctrl-C stops the answer: the result then has stop_reason 'interrupted' and keeps the
+        text generated so far (the caller decides whether to keep it).
         """
         if sampling.max_tokens < 1:
             raise CaaError(f"max tokens must be at least 1, got {sampling.max_tokens}")
-        max_tokens = min(sampling.max_tokens, self.session.n_ctx)  # the context bounds any answer
-        tokens, steer_from = self.prompt(messages, suffix)
+        session = self._session
+        max_tokens = min(sampling.max_tokens, session.n_ctx)  # the context bounds any answer
+        tokens, steer_from = self.prompt(messages, suffix, positions)
+        steering = self._steering.to_dict()
         start = time.perf_counter()
-        reused = self._feed(tokens, steer_from, min(max_tokens, 16))
+        reused, stopped = self._feed(tokens, steer_from, min(max_tokens, 16), should_stop)
         prompt_seconds = time.perf_counter() - start
+        if stopped:
+            return GenerationResult("", [], "stopped", len(tokens), reused, prompt_seconds, 0.0, steering)
         pieces: list[str] = []
 
         def collect(piece: str) -> bool:
             pieces.append(piece)
             return on_piece(piece) is not False if on_piece else True
 
+        params = _native.SamplingParams(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            min_p=sampling.min_p, repeat_penalty=sampling.repeat_penalty, repeat_last_n=64,
+            seed=sampling.seed & 0xFFFFFFFF,
+        )
         start = time.perf_counter()
-        n_before = len(self.session.tokens)
+        n_before = len(session.tokens)
         try:
-            out, reason = self.session.generate(
-                max_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
-                sampling.min_p, sampling.repeat_penalty, 64, sampling.seed & 0xFFFFFFFF, collect,
-            )
+            out, reason = session.generate(max_tokens, params, collect, should_stop)
         except KeyboardInterrupt:
-            out, reason = list(self.session.tokens[n_before:]), "interrupted"
+            out, reason = list(session.tokens[n_before:]), "interrupted"
         return GenerationResult(
             text="".join(pieces), tokens=list(out), stop_reason=reason,
             n_prompt_tokens=len(tokens), n_reused_tokens=reused,
             prompt_seconds=prompt_seconds, decode_seconds=time.perf_counter() - start,
-            steering=self.steering.to_dict(),
+            steering=steering,
         )
 
     def reset(self) -> None:
-        self.session.truncate(0)
+        """Forget the KV cache (the next call decodes its prompt in full)."""
+        self._session.truncate(0)
+
+    def extend(self, tokens: Sequence[int], steered: bool = True) -> None:
+        """Decode ``tokens`` after the cached ones, with the current steering or none (for
+        benchmarks and tools that drive the cache token by token)."""
+        try:
+            self._session.decode(list(tokens), steered)
+        except _native.ContextFullError as err:
+            raise ContextFullError(str(err)) from None
+
+    # -- scoring ----------------------------------------------------------------------------
+    def score_ab(self, choices: Sequence[Choice], settings: Sequence[Setting | Sequence[SteeringTerm]],
+                 positions: str = "response", progress: Callable[[int], None] | None = None) -> list[ABScores]:
+        """A/B scores of every choice under every setting (one ABScores per setting), batched:
+        with the response mask each question's unsteered prefix is decoded once."""
+        from caa_local.engine import scoring
+
+        return scoring.score_ab(self, choices, settings, positions, progress)
+
+    def perplexity(self, prompts: Sequence[Sequence[Message]], answers: Sequence[str]) -> list[float]:
+        """The unsteered model's perplexity of each answer after its chat prompt (NaN if empty)."""
+        from caa_local.engine import scoring
+
+        return scoring.perplexity(self, prompts, answers)
+
+    # -- checks (tests, parity, benchmarks) -------------------------------------------------
+    def layer_outputs(self, tokens: Sequence[int], steer_from: int) -> npt.NDArray[np.float32]:
+        """Output of every block (row N = llama.cpp's l_out-N) at the last of ``tokens``, decoded
+        in a fresh context: positions < steer_from unsteered, the rest with the current steering."""
+        return self._session.layer_outputs(list(tokens), steer_from)
+
+    def logits_after(self, tokens: Sequence[int], steer_from: int) -> npt.NDArray[np.float32]:
+        """Next-token logits after ``tokens``, decoded as ``layer_outputs`` does."""
+        return self._session.logits_after(list(tokens), steer_from)
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in this context's KV cache, in order."""
+        return list(self._session.tokens)

@@ -10,18 +10,19 @@ questions of a chunk in one batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
-from caa_local.engine import _native
-from caa_local.engine.engine import Engine
 from caa_local.core.errors import CaaError
-from caa_local.core.steering import Steering
+from caa_local.core.steering import Steering, SteeringTerm, make_term
 from caa_local.core.templates import Message, shared_prefix, user_turn
 from caa_local.core.vector import ControlVector
+from caa_local.engine import _native
+from caa_local.engine.engine import Engine, check_positions
 
 KV_BUDGET_BYTES = 512 << 20
 
@@ -51,11 +52,17 @@ class Setting:
     multiplier: float = 0.0
     layers: tuple[int, ...] = ()
 
-    def steering(self) -> Steering:
-        steering = Steering()
-        if self.vector is not None and self.multiplier != 0.0:
-            steering.set("setting", self.vector, self.multiplier, self.layers or None)
-        return steering
+    def steering(self, engine: Engine, checked: dict[int, SteeringTerm]) -> Steering:
+        """The setting as engine steering. ``checked`` holds one engine-validated term per
+        vector, so a sweep validates each vector once, not once per setting."""
+        if self.vector is None or self.multiplier == 0.0:
+            return Steering()
+        base = checked.get(id(self.vector))
+        if base is None:
+            # Sweeps score vectors made for other architectures too (callers check the hint).
+            base = checked[id(self.vector)] = engine.make_term("setting", self.vector, 1.0, any_arch=True)
+        term = make_term("setting", self.vector, self.multiplier, self.layers or None)
+        return Steering([replace(term, checked_for=base.checked_for)])
 
 
 @dataclass(frozen=True)
@@ -121,70 +128,110 @@ def _chunks(prepared: list[_Prepared], budget_tokens: int, max_questions: int) -
     return chunks
 
 
+SettingLike = Setting | Sequence[SteeringTerm]
+
+
+def _packed(engine: Engine, settings: Sequence[SettingLike]) -> list[tuple[npt.NDArray[np.float32], int, int] | None]:
+    checked: dict[int, SteeringTerm] = {}
+    out = []
+    for setting in settings:
+        if isinstance(setting, Setting):
+            steering = setting.steering(engine, checked)
+        else:
+            steering = Steering(engine._checked(t) for t in setting)
+        out.append(steering.buffer(engine.n_embd, engine.n_layer))
+    return out
+
+
 def score_ab(
     engine: Engine,
     choices: Sequence[Choice],
-    settings: Sequence[Setting],
+    settings: Sequence[SettingLike],
+    positions: str = "response",
     progress: Callable[[int], None] | None = None,
     kv_budget_bytes: int = KV_BUDGET_BYTES,
 ) -> list[ABScores]:
     """Scores of every choice under every setting (one ABScores per setting).
 
-    ``engine.positions == "all"`` steers the whole prompt too, so nothing is reused: each
-    setting then decodes every prompt in full, as the paper's reference code does.
+    A setting is a ``Setting`` or a sequence of engine terms (empty: unsteered).
+    ``positions="all"`` steers the whole prompt too, so nothing is reused: each setting then
+    decodes every prompt in full, as the paper's reference code does. The engine's own
+    steering is neither used nor changed.
     """
+    check_positions(positions)
     if not choices:
         raise CaaError("no questions to score")
     prepared = [_prepare(engine, c) for c in choices]
-    if engine.positions == "all":
+    if positions == "all":
         prepared = [
             _Prepared([], [p.prefix + c for c in p.continuations], p.n_scored) for p in prepared
         ]
-    packed = []
-    for setting in settings:
-        steering = setting.steering()
-        if setting.vector is not None:
-            engine.check_vector(setting.vector, "vector", force=True)
-        packed.append(steering.buffer(engine.n_embd, engine.n_layer))
+    packed = _packed(engine, settings)
     # Worst case KV per token without GQA: K and V, f16, every layer.
     bytes_per_token = 4 * engine.n_layer * engine.n_embd
     budget_tokens = max(kv_budget_bytes // bytes_per_token, 512)
     logp = np.zeros((len(settings), len(prepared), 2))
+    session = engine._session
     for chunk in _chunks(prepared, budget_tokens, _native.LLAMA_MAX_SEQ // 2):
         max_tail = max(len(c) for i in chunk for c in prepared[i].continuations)
-        scorer = _native.Scorer(engine.session, [prepared[i].prefix for i in chunk], 2, max_tail)
+        scorer = _native.Scorer(session, [prepared[i].prefix for i in chunk], 2, max_tail)
         conts = [prepared[i].continuations for i in chunk]
         n_scored = [prepared[i].n_scored for i in chunk]
         for s, buffer in enumerate(packed):
-            if buffer is None:
-                out = scorer.score(engine.session, conts, n_scored)
-            else:
-                out = scorer.score(engine.session, conts, n_scored, *buffer)
-            logp[s, chunk] = out
+            logp[s, chunk] = scorer.score(conts, n_scored) if buffer is None else scorer.score(conts, n_scored, *buffer)
         if progress:
             progress(len(chunk))
     return [ABScores(logp[s, :, 0], logp[s, :, 1]) for s in range(len(settings))]
 
 
-def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: Setting) -> ABScores:
+def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: SettingLike,
+                   positions: str = "response") -> ABScores:
     """The reference method: decode each full prompt + answer anew (for tests and benchmarks)."""
-    steering = setting.steering()
-    buffer = steering.buffer(engine.n_embd, engine.n_layer)
-    if buffer is None:
-        engine.session.clear_steering()
-    else:
-        engine.session.set_steering(*buffer)
-    try:
-        logp = np.zeros((len(choices), 2))
-        for q, choice in enumerate(choices):
-            p = _prepare(engine, choice)
-            for o, cont in enumerate(p.continuations):
-                tokens = p.prefix + cont
-                steer_from = 0 if engine.positions == "all" else len(p.prefix)
-                for j in range(len(tokens) - p.n_scored[o], len(tokens)):
-                    logits = engine.session.logits_after(tokens[:j], min(steer_from, j)).astype(np.float64)
-                    top = logits.max()
-                    logp[q, o] += logits[tokens[j]] - top - np.log(np.exp(logits - top).sum())
-    finally:
-        engine.apply_steering()
+    check_positions(positions)
+    buffer = _packed(engine, [setting])[0]
+    # A context of its own: the engine's steering and KV cache stay as they are.
+    session = _native.Session(engine._model.native, 64, engine.n_threads, 64)
+    if buffer is not None:
+        session.set_steering(*buffer)
+    logp = np.zeros((len(choices), 2))
+    for q, choice in enumerate(choices):
+        p = _prepare(engine, choice)
+        for o, cont in enumerate(p.continuations):
+            tokens = p.prefix + cont
+            steer_from = 0 if positions == "all" else len(p.prefix)
+            for j in range(len(tokens) - p.n_scored[o], len(tokens)):
+                logits = session.logits_after(tokens[:j], min(steer_from, j)).astype(np.float64)
+                top = logits.max()
+                logp[q, o] += logits[tokens[j]] - top - np.log(np.exp(logits - top).sum())
     return ABScores(logp[:, 0], logp[:, 1])
+
+
+def perplexity(
+    engine: Engine,
+    prompts: Sequence[Sequence[Message]],
+    answers: Sequence[str],
+    chunk: int = 16,
+) -> list[float]:
+    """The unsteered model's perplexity of each answer after its chat prompt (NaN if empty).
+
+    Batched with the native Scorer: the prefix up to the end of the instruction is decoded
+    once per answer, then the answer (after the instruction-end token, which is not scored)
+    in one pass, with no steering.
+    """
+    out = [math.nan] * len(answers)
+    jobs = []
+    for i, (messages, answer) in enumerate(zip(prompts, answers)):
+        prompt_tokens, _ = engine.prompt(messages)
+        full, steer_from = engine.prompt(messages, answer)
+        shared = shared_prefix(prompt_tokens, full)
+        n_scored = len(full) - max(shared, steer_from + 1)
+        if n_scored >= 1:
+            jobs.append((i, full[:steer_from], full[steer_from:], n_scored))
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start : start + chunk]
+        max_tail = max(len(j[2]) for j in part)
+        scorer = _native.Scorer(engine._session, [j[1] for j in part], 1, max_tail)
+        logp = scorer.score([[j[2]] for j in part], [[j[3]] for j in part])
+        for (i, _, _, n_scored), value in zip(part, logp[:, 0]):
+            out[i] = float(math.exp(-value / n_scored))
+    return out

@@ -13,6 +13,7 @@ live in ``caa_local.eval.open_ended``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ import numpy.typing as npt
 from caa_local.engine.engine import Engine
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers
-from caa_local.engine.scoring import Choice, Setting, choices_from_items, score_ab
-from caa_local.core.steering import check_multipliers
+from caa_local.engine.scoring import Choice, choices_from_items
+from caa_local.core.steering import SteeringTerm, check_multipliers
 from caa_local.core.templates import ChatTemplate, instruction_end, shared_prefix, user_turn
 from caa_local.core.vector import ControlVector
 
@@ -143,26 +144,27 @@ def sweep_choices(
     multipliers: Sequence[float],
     progress: Progress | None = None,
     force: bool = False,
+    positions: str = "response",
 ) -> SweepResult:
     """Score ``choices`` at every (layer, multiplier); multiplier 0 is scored once."""
-    engine.check_vector(vector, "vector", force)
+    unit = engine.make_term("vector", vector, 1.0, any_arch=force)  # the vector's one validation
     layers = check_vector_layers(layers, vector.layers, engine.n_layer)
     multipliers = check_multipliers(multipliers)
-    settings: list[Setting] = []
+    settings: list[tuple[SteeringTerm, ...]] = []
     index: dict[tuple[int, float], int] = {}
     for layer in layers:
         for mult in multipliers:
             if mult == 0.0:
                 if (0, 0.0) not in index:
                     index[(0, 0.0)] = len(settings)
-                    settings.append(Setting())
+                    settings.append(())
                 index[(layer, mult)] = index[(0, 0.0)]
             else:
                 index[(layer, mult)] = len(settings)
-                settings.append(Setting(vector, mult, (layer,)))
+                settings.append((dataclasses.replace(unit, scale=mult, layers=(layer,)),))
     scores = []
     for start in range(0, len(choices), CHUNK_QUESTIONS):
-        scores.append(score_ab(engine, choices[start : start + CHUNK_QUESTIONS], settings, progress))
+        scores.append(engine.score_ab(choices[start : start + CHUNK_QUESTIONS], settings, positions, progress))
     shape = (len(layers), len(multipliers), len(choices))
     arrays = {k: np.zeros(shape) for k in ("p_match", "option_mass", "logit_diff")}
     for (layer, mult), s in index.items():
@@ -183,14 +185,15 @@ def ab_sweep(
     system: str | None = None,
     progress: Progress | None = None,
     force: bool = False,
+    positions: str = "response",
 ) -> SweepResult:
     """The paper's A/B evaluation of ABItems (question, matching / not-matching letters)."""
     if not dataset_items:
         raise CaaError("no questions to evaluate")
     result = sweep_choices(
-        engine, vector, choices_from_items(dataset_items, system), layers, multipliers, progress, force
+        engine, vector, choices_from_items(dataset_items, system), layers, multipliers, progress, force, positions
     )
-    result.info.update(backend="native", positions=engine.positions, system=system or "")
+    result.info.update(backend="native", positions=positions, system=system or "")
     return result
 
 

@@ -126,10 +126,8 @@ def judge(
     from caa_local.engine.engine import Sampling
 
     rubric(behavior)
-    saved = engine_judge.steering.terms
-    engine_judge.unsteer()
     out = []
-    try:
+    with engine_judge.unsteered():
         for row in rows:
             reply = engine_judge.generate(
                 judge_messages(behavior, row["prompt"], row["answer"]),
@@ -139,10 +137,6 @@ def judge(
             out.append({**row, "score": parse_score(reply), "judge_reply": reply})
             if progress:
                 progress(1)
-    finally:
-        for term in saved:
-            engine_judge.steering.set(term.name, term.vector, term.scale, term.layers)
-        engine_judge.apply_steering()
     return out
 
 

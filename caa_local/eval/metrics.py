@@ -169,34 +169,9 @@ def perplexity(
     engine: Engine,
     prompts: Sequence[Sequence[Message]],
     answers: Sequence[str],
-    chunk: int = 16,
 ) -> list[float]:
-    """The unsteered model's perplexity of each answer after its chat prompt (NaN if empty).
-
-    Batched with the native Scorer: the prefix up to the end of the instruction is decoded
-    once per answer, then the answer (after the instruction-end token, which is not scored)
-    in one pass, with no steering.
-    """
-    from caa_local.engine import _native
-    from caa_local.core.templates import shared_prefix
-
-    out = [math.nan] * len(answers)
-    jobs = []
-    for i, (messages, answer) in enumerate(zip(prompts, answers)):
-        prompt_tokens, _ = engine.prompt(messages)
-        full, steer_from = engine.prompt(messages, answer)
-        shared = shared_prefix(prompt_tokens, full)
-        n_scored = len(full) - max(shared, steer_from + 1)
-        if n_scored >= 1:
-            jobs.append((i, full[:steer_from], full[steer_from:], n_scored))
-    for start in range(0, len(jobs), chunk):
-        part = jobs[start : start + chunk]
-        max_tail = max(len(j[2]) for j in part)
-        scorer = _native.Scorer(engine.session, [j[1] for j in part], 1, max_tail)
-        logp = scorer.score(engine.session, [[j[2]] for j in part], [[j[3]] for j in part])
-        for (i, _, _, n_scored), value in zip(part, logp[:, 0]):
-            out[i] = float(math.exp(-value / n_scored))
-    return out
+    """The unsteered model's perplexity of each answer after its chat prompt (NaN if empty)."""
+    return engine.perplexity(prompts, answers)
 
 
 def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:

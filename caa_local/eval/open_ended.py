@@ -6,6 +6,7 @@ model in ``caa_local.eval.judge``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,29 +33,20 @@ def open_ended(
     repeat_penalty: float = 1.1,
 ) -> list[dict[str, Any]]:
     """Greedy answers to every prompt at every multiplier (one row each)."""
-    engine.check_vector(vector, "vector", force)
+    unit = engine.make_term("eval", vector, 1.0, any_arch=force)  # the vector's one validation
     check_vector_layers([layer], vector.layers, engine.n_layer)
+    unit = dataclasses.replace(unit, layers=(layer,))
     multipliers = check_multipliers(multipliers)
     if not prompts:
         raise CaaError("no prompts to answer")
-    saved = engine.steering.terms
     # Greedy as in the paper, with a mild repetition penalty: small models loop otherwise.
     sampling = Sampling(temperature=0.0, seed=seed, max_tokens=max_tokens, repeat_penalty=repeat_penalty)
     rows: list[dict[str, Any]] = []
-    try:
-        for mult in multipliers:
-            engine.steering.clear()
-            if mult != 0.0:
-                engine.steering.set("eval", vector, mult, (layer,))
-            engine.apply_steering()
+    for mult in multipliers:
+        with engine.steered([unit.with_scale(mult)] if mult != 0.0 else []):
             for prompt in prompts:
                 result = engine.generate(user_turn(prompt), sampling)
                 rows.append({"prompt": prompt, "multiplier": mult, "layer": layer, "answer": result.text})
                 if progress:
                     progress(1)
-    finally:
-        engine.steering.clear()
-        for term in saved:
-            engine.steering.set(term.name, term.vector, term.scale, term.layers)
-        engine.apply_steering()
     return rows

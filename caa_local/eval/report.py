@@ -124,7 +124,7 @@ def make_report(
         ]
     text = "\n".join([
         "# CAA evaluation report", "",
-        f"Model `{engine.model_path.name}`, positions `{engine.positions}`, A/B p(answer matching behavior) "
+        f"Model `{engine.model_path.name}`, positions `response`, A/B p(answer matching behavior) "
         f"as in Rimsky et al. (2024). Generated in {time.perf_counter() - started:.0f} s.", "",
         "## Summary", "", *headline, "", *sections,
     ])
