@@ -70,7 +70,7 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
         warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
     if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
         n_threads = max(1, (os.cpu_count() or 1) // slots)
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, positions)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
 
     from caa_local.serve.config import ServeConfig
     from caa_local.serve.planning import Defaults
