@@ -170,7 +170,7 @@ function renderActive() {
     list.append(el("li", {},
       el("div", { class: "row" }, el("label", { for: `scale-${i}` }, el("strong", {}, term.vector)), value, select,
         el("button", { type: "button", "aria-label": `Remove ${term.vector}`,
-          onclick: () => { state.active.splice(i, 1); renderActive(); } }, "Remove")),
+          title: "Remove", onclick: () => { state.active.splice(i, 1); renderActive(); } }, "✕")),
       slider));
   });
 }
