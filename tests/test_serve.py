@@ -155,6 +155,25 @@ def test_stop_string_ends_the_answer_before_it(server: ServerProcess) -> None:
     assert cut == full[:full.index(word)]
 
 
+def test_a_second_turn_reuses_the_first_turns_cached_prompt(server: ServerProcess) -> None:
+    client = server.client()
+    history = [{"role": "user", "content": "Name a colour of the sea."}]
+    first = client.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=8,
+                                           extra_body={"steering": []})
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And of the sky?"}]
+    second = client.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=8,
+                                            extra_body={"steering": []})
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_the_key_may_come_as_x_api_key(server: ServerProcess) -> None:
+    status, body = server.request("GET", "/v1/models", headers={"X-Api-Key": KEY})
+    assert status == 200 and body["data"]
+    assert server.request("GET", "/health", key=False)[0] == 200
+    assert server.request("GET", "/", key=False)[0] != 401  # the page loads, then asks for the key
+
+
 # -- concurrency ---------------------------------------------------------------------------------
 def test_two_concurrent_requests_with_different_steering_equal_each_alone(server: ServerProcess) -> None:
     settings = [[{"vector": "sentiment", "scale": 2}], [{"vector": "sentiment", "scale": -2}]]

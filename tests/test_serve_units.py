@@ -169,3 +169,23 @@ def test_the_server_imports_neither_torch_nor_the_cli_nor_evaluation() -> None:
             "or m.startswith(('caa_local.cli', 'caa_local.eval', 'caa_local.chat'))]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_full_queue_refuses_more_waiters() -> None:
+    from caa_local.serve.slots import QueueFullError
+
+    async def main() -> None:
+        gate = Gate()
+        pool = SlotPool([object()], max_queue=1, runner=gate)  # type: ignore[list-item]
+        running = asyncio.create_task(collect(pool, "a"))
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(collect(pool, "b"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await collect(pool, "c")
+        for tag in ("a", "b"):
+            gate.gates.setdefault(tag, threading.Event()).set()
+        assert [o.text for o in await asyncio.gather(running, queued)] == ["a", "b"]
+        pool.close()
+
+    asyncio.run(main())
