@@ -109,6 +109,12 @@ def test_compare_mode_streams_unsteered_and_steered_side_by_side(server: ServerP
     assert labels[1].startswith("sentiment x-2 @ ")
     assert all(texts) and texts[0] != texts[1]
     assert page.locator("#alert").is_hidden()
+    with page.expect_download() as download:
+        page.click("#export")
+    exported = json.loads(Path(download.value.path()).read_text())
+    answers_json = exported["turns"][0]["answers"]
+    assert [a["label"] for a in answers_json] == labels and [a["text"] for a in answers_json] == texts
+    assert [(t["vector"], t["scale"]) for t in exported["steering"]] == [("sentiment", -2)]
     screenshot = os.environ.get("CAA_LOCAL_SCREENSHOT")
     if screenshot:
         page.evaluate("document.querySelector('aside').scrollTop = 0")
