@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from caa_local import __version__
+from caa_local.core.errors import CaaError
 from caa_local.engine.engine import Engine
 from caa_local.serve import sse, web
 from caa_local.serve.config import ServeConfig
@@ -157,6 +158,8 @@ async def run_until_disconnect(pool: SlotPool, plan: Plan, request: Request) -> 
         return work.result()
     except QueueFullError as err:
         raise ApiError(f"server busy: {err}; retry later", "unavailable", None, "queue_full") from None
+    except CaaError as err:  # the engine refused the request (e.g. the context filled)
+        raise ApiError(f"generation failed: {err}", "invalid_request") from None
 
 
 async def stream_frames(pool: SlotPool, plan: Plan, meta: dict[str, Any], include_usage: bool
