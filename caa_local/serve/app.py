@@ -107,7 +107,7 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
             return Response(status_code=499)  # the client is gone; nobody reads this
         return JSONResponse({
             **completion_body(meta["cid"], meta["created"], meta["model"], outcome.text, finish_reason(outcome),
-                              usage(plan, outcome), meta["steering"]),
+                              usage(outcome), meta["steering"]),
             "steering_positions": plan.positions})
 
     return app
@@ -174,7 +174,7 @@ async def stream_frames(pool: SlotPool, plan: Plan, meta: dict[str, Any], includ
                     yield sse.frame(chunk_body(cid, created, model, {}, finish_reason(event)))
                     if include_usage:
                         yield sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                         "model": model, "choices": [], "usage": usage(plan, event)})
+                                         "model": model, "choices": [], "usage": usage(event)})
                 else:
                     yield sse.frame(chunk_body(cid, created, model, {"content": event}))
     except QueueFullError as err:

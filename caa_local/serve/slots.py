@@ -184,7 +184,7 @@ def finish_reason(outcome: Outcome) -> str:
     return "length" if outcome.result.stop_reason in ("max_tokens", "context") else "stop"
 
 
-def usage(plan: Plan, outcome: Outcome) -> dict[str, Any]:
+def usage(outcome: Outcome) -> dict[str, Any]:
     n_out = len(outcome.result.tokens)
     n_in = outcome.result.n_prompt_tokens
     return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
