@@ -18,7 +18,7 @@ install: $(PY)
 	$(PIP) install -e .
 
 dev: $(PY)
-	$(PIP) install -c constraints-dev.txt -e '.[extract,dev]'
+	$(PIP) install -c constraints-dev.txt -e '.[extract,serve,dev]'
 
 chat: install
 	$(CAA) chat --vector sentiment

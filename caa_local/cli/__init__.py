@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": ("caa_local.cli.eval:eval_group", "A/B, open-ended, MMLU and TruthfulQA under steering."),
     "analyze": ("caa_local.cli.analyze:analyze", "PCA, cosine and steerability analyses."),
     "bench": ("caa_local.cli.bench:bench", "Benchmarks: every speed claim as ratios from one run."),
+    "serve": ("caa_local.cli.serve:serve", "OpenAI-compatible server with per-request steering, and a page."),
 }
 
 

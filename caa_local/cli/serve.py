@@ -1,0 +1,86 @@
+"""`caa-local serve`: the OpenAI-compatible server with per-request steering, and its page."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import click
+
+from caa_local.cli import model_options, open_engine, warn, warn_multipliers
+from caa_local.core.errors import CaaError
+
+POSITIONS = ("response", "all")
+
+
+@click.command()
+@model_options
+@click.option("host", "--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (anything but loopback should come with --api-key).")
+@click.option("port", "--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("slots", "--slots", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Requests answered at once: one llama.cpp context each, sharing one loaded model.")
+@click.option("vectors_dirs", "--vectors-dir", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory of vector files requests may name (the shipped vectors always are); repeatable.")
+@click.option("vectors", "--vector", "-v", multiple=True, metavar="NAME|FILE[:SCALE]",
+              help="Default steering, used when a request says nothing about steering; repeatable.")
+@click.option("layers", "--layers", default=None, metavar="SPEC",
+              help="Layers for the --vector defaults, e.g. 12, 10-14, all (default: recommended layer).")
+@click.option("positions", "--positions", type=click.Choice(POSITIONS), default="response", show_default=True,
+              help="Default steering positions: only the answer (CAA's mask) or every token.")
+@click.option("api_key", "--api-key", envvar="CAA_LOCAL_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
+                   "(or set CAA_LOCAL_API_KEY).")
+@click.option("max_body", "--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+              help="Largest request body in bytes.")
+@click.option("max_queue", "--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Requests that may wait for a slot; more get 503.")
+@click.option("open_browser", "--open", is_flag=True, help="Open the steering page in the default browser.")
+@click.option("force", "--force", is_flag=True, help="Allow --vector files made for another architecture.")
+def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, host: str, port: int,
+          slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
+          positions: str, api_key: str | None, max_body: int, max_queue: int, open_browser: bool,
+          force: bool) -> None:
+    """Serve the model over an OpenAI-compatible API, steered per request, with a page at /.
+
+    Requests may add "steering": [{"vector": "sentiment", "scale": -2, "layers": "23"}].
+
+    \b
+    Example:
+      caa-local serve --slots 2 --vector sentiment:2 --open
+      curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
+        "steering": [{"vector": "sentiment", "scale": -2}]}'
+    """
+    missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CaaError(f"caa-local serve needs {', '.join(missing)}: pip install 'caa-local[serve]'")
+    if api_key is not None and not api_key.strip():
+        raise CaaError("--api-key: expected a non-empty key")
+    from caa_local.cli.chat import load_vector_specs
+    from caa_local.core.layers import parse_layer_spec
+
+    loaded = load_vector_specs(vectors)
+    if layers:
+        parse_layer_spec(layers)  # syntax errors before the model loads
+    warn_multipliers(scale for _, _, scale in loaded)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
+    if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
+        n_threads = max(1, (os.cpu_count() or 1) // slots)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
+
+    from caa_local.serve.config import ServeConfig
+    from caa_local.serve.planning import Defaults
+    from caa_local.serve.server import build, default_terms, run
+
+    layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
+    defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=force), positions)
+    config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
+                         positions=positions, max_body_bytes=max_body, max_queue=max_queue)
+    app, pool, library = build(config, engine, defaults)
+    for line in library.skipped:
+        warn(f"Warning: vector skipped: {line}")
+    run(config, app, pool, warn, open_browser)

@@ -1,0 +1,140 @@
+"""Turn a parsed request into a Plan: steering terms, sampling, prompt tokens, all checked.
+
+Everything a request can get wrong is found here, before it queues for a slot, and raised as
+one ApiError naming the parameter (``steering[1].layers``, ``max_tokens``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from caa_local.core.errors import CaaError
+from caa_local.core.layers import check_vector_layers, parse_layer_spec
+from caa_local.core.steering import SteeringTerm, default_layers
+from caa_local.engine.engine import Engine, Sampling
+from caa_local.serve.config import ServeConfig
+from caa_local.serve.errors import ApiError
+from caa_local.serve.library import VectorLibrary
+from caa_local.serve.protocol import ChatCompletionRequest, SteeringItem
+from caa_local.serve.slots import Plan
+
+DEFAULT_SAMPLING = Sampling()  # top_k / min_p defaults when a request sets none
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request that says nothing about steering gets (the --vector options)."""
+
+    terms: tuple[SteeringTerm, ...] = ()
+    positions: str = "response"
+
+
+def steering_echo(terms: Sequence[SteeringTerm]) -> list[dict[str, Any]]:
+    # A vector named twice in one request gets the term name "id#i"; the echo gives the id back.
+    return [{"vector": t.name.split("#")[0], "scale": t.scale, "layers": list(t.layers),
+             "describe": t.describe()} for t in terms]
+
+
+def parse_layers(value: str | int | list[int] | None, n_layer: int, param: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return parse_layer_spec(value, n_layer)
+        return list(value) if isinstance(value, list) else [value]
+    except CaaError as err:
+        raise ApiError(f"{param}: {err}", "invalid_request", param, "invalid_layers") from None
+
+
+def make_terms(engine: Engine, library: VectorLibrary, items: Sequence[SteeringItem],
+               config: ServeConfig) -> list[SteeringTerm]:
+    if len(items) > config.max_steering_terms:
+        raise ApiError(f"steering: at most {config.max_steering_terms} terms, got {len(items)}",
+                       "invalid_request", "steering")
+    terms: list[SteeringTerm] = []
+    used: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"steering[{i}]"
+        entry = library.get(item.vector, f"{where}.vector")
+        if not math.isfinite(item.scale) or abs(item.scale) > config.max_scale:
+            raise ApiError(f"{where}.scale: expected a finite number within ±{config.max_scale:g}, got {item.scale!r}",
+                           "invalid_request", f"{where}.scale", "scale_out_of_range")
+        layers = parse_layers(item.layers, engine.n_layer, f"{where}.layers")
+        try:
+            chosen = check_vector_layers(layers, entry.vector.layers, engine.n_layer) if layers is not None \
+                else list(default_layers(entry.vector))
+            name = entry.name if entry.name not in used else f"{entry.name}#{i}"
+            used.add(name)
+            terms.append(engine.make_term(name, entry.vector, item.scale, chosen))
+        except CaaError as err:
+            raise ApiError(f"{where}.layers: {err}", "invalid_request", f"{where}.layers", "invalid_layers") from None
+    return terms
+
+
+def messages_of(request: ChatCompletionRequest, config: ServeConfig) -> list[dict[str, str]]:
+    if len(request.messages) > config.max_messages:
+        raise ApiError(f"messages: at most {config.max_messages} messages, got {len(request.messages)}",
+                       "invalid_request", "messages")
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+
+
+def refuse_unsupported(request: ChatCompletionRequest) -> None:
+    """Fields we parse but cannot honour get a 400 instead of being silently ignored."""
+    if request.n not in (None, 1):
+        raise ApiError("n: only one choice per request is supported", "invalid_request", "n")
+    if request.logprobs:
+        raise ApiError("logprobs: not supported by this server", "invalid_request", "logprobs")
+    if request.tools:
+        raise ApiError("tools: tool calls are not supported by this server", "invalid_request", "tools")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(request, name):
+            raise ApiError(f"{name}: not supported; use repeat_penalty (llama.cpp's repetition penalty)",
+                           "invalid_request", name)
+
+
+def stops_of(request: ChatCompletionRequest) -> tuple[str, ...]:
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stops) > 4:
+        raise ApiError(f"stop: at most 4 stop strings, got {len(stops)}", "invalid_request", "stop")
+    return tuple(s for s in stops if s)
+
+
+def plan_request(request: ChatCompletionRequest, engine: Engine, library: VectorLibrary, config: ServeConfig,
+                 defaults: Defaults, n_ctx: int) -> Plan:
+    refuse_unsupported(request)
+    messages = messages_of(request, config)
+    stops = stops_of(request)
+    if request.steering is None:
+        terms, positions = list(defaults.terms), defaults.positions
+    else:
+        terms, positions = make_terms(engine, library, request.steering, config), config.positions
+    positions = request.steering_positions or positions
+    try:
+        tokens, _ = engine.prompt(messages, positions=positions)
+    except CaaError as err:
+        raise ApiError(f"messages: {err}", "invalid_request", "messages") from None
+    room = n_ctx - len(tokens)
+    if room < 1:
+        raise ApiError(f"messages: the prompt is {len(tokens)} tokens, the context holds {n_ctx} "
+                       "(start the server with a larger --ctx)", "context_length", "messages",
+                       "context_length_exceeded")
+    asked = request.max_completion_tokens or request.max_tokens
+    if asked is not None and asked > room:
+        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        raise ApiError(f"{param}: {asked} tokens do not fit: the prompt is {len(tokens)} tokens and the "
+                       f"context holds {n_ctx} (at most {room})", "context_length", param,
+                       "context_length_exceeded")
+    sampling = Sampling(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=DEFAULT_SAMPLING.top_k if request.top_k is None else request.top_k,
+        min_p=DEFAULT_SAMPLING.min_p if request.min_p is None else request.min_p,
+        repeat_penalty=1.0 if request.repeat_penalty is None else request.repeat_penalty,
+        seed=secrets.randbits(32) if request.seed is None else request.seed,
+        max_tokens=asked if asked is not None else min(config.default_max_tokens, room),
+    )
+    return Plan(messages, sampling, terms, positions, tokens, stops)
