@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -76,11 +75,11 @@ def test_check_rows_rejects_missing_and_bad_figures() -> None:
 def test_bench_refuses_to_overwrite_before_measuring(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     out.write_text("[]\n")
-    started = time.perf_counter()
     code, _, err = run_cli(capsys, "bench", "--quick", "--json", str(out))
     assert code == 1 and "Traceback" not in err
+    # The error is all it printed: no benchmark group started.
     assert err.strip() == f"Error: {out}: file exists (use --force to overwrite)"
-    assert time.perf_counter() - started < 5 and out.read_text() == "[]\n"
+    assert out.read_text() == "[]\n"
 
 
 def test_markdown_from_an_earlier_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,11 +96,9 @@ def test_markdown_from_an_earlier_json(tmp_path: Path, capsys: pytest.CaptureFix
 @pytest.mark.torch
 def test_quick_bench_writes_the_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, markdown = tmp_path / "bench.json", tmp_path / "perf.md"
-    started = time.perf_counter()
     code, table, err = run_cli(capsys, "bench", "--quick", "--threads", "1", "--json", str(out),
                            "--markdown", str(markdown))
     assert code == 0, err
-    assert time.perf_counter() - started < 180
     rows = json.loads(out.read_text())
     assert isinstance(rows, list)
     by_name = {row["name"]: row for row in rows}
