@@ -16,8 +16,9 @@ from caa_local.bench.runner import REQUIRED, build_rows, check_rows, format_tabl
 from caa_local.core.errors import CaaError
 from conftest import run_cli
 
-RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python", "decode_native_vs_transformers",
-              "prefill_native_vs_llama_cpp_python", "ab_sweep_reuse_vs_naive", "extract_batched_vs_loop")
+RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python", "decode_native_vs_llama_cpp",
+              "decode_native_vs_transformers", "prefill_native_vs_llama_cpp_python", "ab_sweep_reuse_vs_naive",
+              "extract_batched_vs_loop")
 VALUE_ROWS = ("chat_startup_s", "steer_change_ms", "peak_rss_generate_mib", "peak_rss_extract_mib")
 WHERE = {"cpu": "Test CPU 9000", "cores": 2, "threads": 2}
 FACTS = {"rss_budget_mib": 190.0, "n_ctx": 4096, "gguf_mib": 20.0, "kv_cache_mib": 20.0}
