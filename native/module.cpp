@@ -131,6 +131,13 @@ NB_MODULE(_native, m) {
         .def("reusable", &caa::Session::reusable, "tokens"_a, "steer_from"_a,
              "Length of the cached prefix equal to tokens and decoded with the steering now "
              "requested for it (none before steer_from, the current steering from there).")
+        .def_prop_ro("perf_counts",
+                     [](const caa::Session & s) {
+                         const llama_perf_context_data d = llama_perf_context(s.context());
+                         return nb::make_tuple(d.n_p_eval, d.n_eval, d.n_reused);
+                     },
+                     "llama.cpp's counters for this context: (prompt tokens, single-token decodes, "
+                     "graphs reused).")
         .def("truncate", &caa::Session::truncate, "n_keep"_a, "Drop cached tokens from position n_keep on.")
         .def("decode",
              [](caa::Session & s, const std::vector<llama_token> & tokens, bool steered, nb::object should_stop) {

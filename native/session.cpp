@@ -48,6 +48,28 @@ int32_t pick_threads(int32_t n_threads) {
     return hw == 0 ? 4 : static_cast<int32_t>(hw);
 }
 
+Threadpool::Threadpool(int32_t n_threads) {
+    ggml_backend_dev_t cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (cpu == nullptr) {
+        return;
+    }
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
+    auto * make = reinterpret_cast<ggml_threadpool_t (*)(ggml_threadpool_params *)>(
+        ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new"));
+    free_ = reinterpret_cast<void (*)(ggml_threadpool_t)>(ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free"));
+    if (make == nullptr || free_ == nullptr) {
+        return;
+    }
+    ggml_threadpool_params params = ggml_threadpool_params_default(n_threads); // polling as llama.cpp's CLI
+    pool_ = make(&params);
+}
+
+Threadpool::~Threadpool() {
+    if (pool_ != nullptr) {
+        free_(pool_);
+    }
+}
+
 uint64_t Steering::id() const {
     if (!active()) {
         return 0;
@@ -120,7 +142,11 @@ Session::Session(SharedModel model, uint32_t n_ctx, int32_t n_threads, uint32_t 
     if (!model_) {
         throw std::invalid_argument("a Session needs a loaded model");
     }
+    threadpool_ = std::make_unique<Threadpool>(n_threads_);
     ctx_ = make_context(*model_, n_ctx, std::min(n_batch_, n_ctx), 1, n_threads_);
+    if (threadpool_->get() != nullptr) {
+        llama_attach_threadpool(ctx_.get(), threadpool_->get(), nullptr);
+    }
     n_batch_ = llama_n_batch(ctx_.get()); // what llama.cpp accepts per llama_decode call
 }
 

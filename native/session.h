@@ -26,6 +26,21 @@ struct SamplerDeleter {
 using ContextPtr = std::unique_ptr<llama_context, ContextDeleter>;
 using SamplerPtr = std::unique_ptr<llama_sampler, SamplerDeleter>;
 
+// A persistent CPU threadpool, as llama.cpp's own CLI attaches to its context. Without one,
+// ggml makes and joins a disposable pool for every graph, i.e. for every generated token.
+class Threadpool {
+  public:
+    explicit Threadpool(int32_t n_threads); // no pool (nullptr) when the CPU backend has none
+    ~Threadpool();
+    Threadpool(const Threadpool &) = delete;
+    Threadpool & operator=(const Threadpool &) = delete;
+    ggml_threadpool_t get() const { return pool_; }
+
+  private:
+    ggml_threadpool_t pool_ = nullptr;
+    void (*free_)(ggml_threadpool_t) = nullptr;
+};
+
 // A llama_batch freed on scope exit (exceptions included).
 struct BatchPtr {
     llama_batch batch;
@@ -94,6 +109,7 @@ class Session {
     uint32_t n_ctx() const { return llama_n_ctx(ctx_.get()); }
     int32_t n_threads() const { return n_threads_; }
     uint32_t n_batch() const { return n_batch_; }
+    const llama_context * context() const { return ctx_.get(); }
 
     // Steering used for every token decoded with steered = true from now on.
     void set_steering(Steering steering);
@@ -131,8 +147,9 @@ class Session {
                             int32_t & last_index) const;
 
     SharedModel model_;
-    ContextPtr ctx_;
     int32_t n_threads_;
+    std::unique_ptr<Threadpool> threadpool_; // declared before ctx_: freed after it
+    ContextPtr ctx_;
     uint32_t n_batch_;
     Steering steering_;
     uint64_t steering_id_ = 0;

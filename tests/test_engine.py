@@ -192,3 +192,13 @@ def test_kv_reuse_keeps_positions_decoded_with_the_requested_steering(engine: En
     engine.unsteer()
     assert engine.generate(MESSAGES, GREEDY).n_reused_tokens == 0  # the cache held x2 everywhere
     assert engine.generate(MESSAGES, GREEDY).n_reused_tokens == first.n_prompt_tokens - 1
+
+
+def test_token_by_token_decoding_reuses_llama_cpps_graph(engine: Engine) -> None:
+    """Each generated token is one llama_decode that reuses the previous compute graph (as
+    llama.cpp's own CLI does), not a graph rebuilt per token."""
+    context = engine.new_context(256)
+    result = context.generate(MESSAGES, Sampling(temperature=0.0, max_tokens=16))
+    counts = context.perf_counts()
+    assert counts["single_decodes"] >= len(result.tokens) - 1 >= 8
+    assert counts["graphs_reused"] >= counts["single_decodes"] - 1

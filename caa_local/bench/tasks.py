@@ -5,7 +5,9 @@
 process per group keeps torch out of the llama.cpp comparisons and gives each peak-RSS
 figure a process of its own. Every comparison runs both sides in one process, alternating
 (A B, B A, A B, ...) after one untimed warm-up each, so drift on a shared machine hits both;
-the figures are rates (higher is better), one per run.
+the figures are rates (higher is better), one per run. The exception is
+decode_native_vs_transformers: torch's idle OpenMP threads slow llama.cpp in the same process,
+so each of its sides runs in processes of its own, alternated by the runner.
 """
 
 from __future__ import annotations
@@ -99,6 +101,93 @@ def native_decode(engine: Any, messages: list[dict[str, str]], max_tokens: int) 
     return len(result.tokens) / result.decode_seconds
 
 
+def _attach_cli_threadpool(lc: Any, ctx: Any, threads: int) -> Callable[[], None] | None:
+    """Attach a persistent CPU threadpool with llama.cpp's default polling to ``ctx``, as
+    llama.cpp's CLI (common_init_from_params) does; llama-cpp-python does not bind these calls,
+    so they go through ctypes. Returns the pool's free function (call it after freeing the
+    context), or None when the libraries do not offer them."""
+    import ctypes
+
+    class PoolParams(ctypes.Structure):  # ggml.h: struct ggml_threadpool_params
+        _fields_ = [("cpumask", ctypes.c_bool * 512), ("n_threads", ctypes.c_int), ("prio", ctypes.c_int),
+                    ("poll", ctypes.c_uint32), ("strict_cpu", ctypes.c_bool), ("paused", ctypes.c_bool)]
+
+    libs = Path(lc.__file__).parent / "lib"
+    try:
+        base = ctypes.CDLL(str(next(libs.glob("*ggml-base.*"))))
+        cpu = ctypes.CDLL(str(next(libs.glob("*ggml-cpu.*"))))
+        attach = lc.llama_cpp._lib.llama_attach_threadpool
+    except (StopIteration, OSError, AttributeError):
+        return None
+    base.ggml_threadpool_params_default.restype = PoolParams
+    base.ggml_threadpool_params_default.argtypes = [ctypes.c_int]
+    cpu.ggml_threadpool_new.restype = ctypes.c_void_p
+    cpu.ggml_threadpool_new.argtypes = [ctypes.POINTER(PoolParams)]
+    attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    attach.restype = None
+    params = base.ggml_threadpool_params_default(threads)
+    pool = cpu.ggml_threadpool_new(ctypes.byref(params))
+    if not pool:
+        return None
+    attach(ctx, pool, None)
+    cpu.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    return lambda: cpu.ggml_threadpool_free(pool)
+
+
+class LlamaCppDecoder:
+    """Stock llama.cpp through llama-cpp-python's low-level (ctypes) API: the same GGUF, context
+    size, batch and threads as the Engine, a persistent threadpool as llama.cpp's CLI attaches,
+    a greedy sampler chain, one llama_decode per token. Its rate is llama.cpp's own timing, as
+    llama-completion reports it: eval time plus sampling time per generated token (the Python
+    loop around the calls is not counted)."""
+
+    def __init__(self, model_path: str, n_ctx: int, threads: int, n_batch: int = 512) -> None:
+        import llama_cpp as lc
+
+        self.lc = lc
+        self.model = lc.llama_model_load_from_file(model_path.encode(), lc.llama_model_default_params())
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = False
+        self.ctx = lc.llama_init_from_model(self.model, params)
+        if not self.model or not self.ctx:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        self.threadpool = _attach_cli_threadpool(lc, self.ctx, threads)
+        self.vocab = lc.llama_model_get_vocab(self.model)
+
+    def decode_rate(self, prompt: list[int], max_tokens: int) -> float:
+        lc = self.lc
+        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
+        tokens = (lc.llama_token * len(prompt))(*prompt)
+        if lc.llama_decode(self.ctx, lc.llama_batch_get_one(tokens, len(prompt))) != 0:
+            raise RuntimeError("llama_decode failed on the prompt")
+        chain_params = lc.llama_sampler_chain_default_params()
+        chain_params.no_perf = False
+        sampler = lc.llama_sampler_chain_init(chain_params)
+        lc.llama_sampler_chain_add(sampler, lc.llama_sampler_init_greedy())
+        lc.llama_perf_context_reset(self.ctx)
+        one = (lc.llama_token * 1)()
+        try:
+            for _ in range(max_tokens):
+                token = lc.llama_sampler_sample(sampler, self.ctx, -1)
+                if lc.llama_vocab_is_eog(self.vocab, token):
+                    break
+                one[0] = token
+                if lc.llama_decode(self.ctx, lc.llama_batch_get_one(one, 1)) != 0:
+                    raise RuntimeError("llama_decode failed")
+            perf, sampling = lc.llama_perf_context(self.ctx), lc.llama_perf_sampler(sampler)
+        finally:
+            lc.llama_sampler_free(sampler)
+        return perf.n_eval / ((perf.t_eval_ms + sampling.t_sample_ms) / 1e3)
+
+    def close(self) -> None:
+        self.lc.llama_free(self.ctx)
+        if self.threadpool:
+            self.threadpool()
+        self.lc.llama_model_free(self.model)
+
+
 def _native_group(cfg: Config) -> dict[str, Any]:
     from llama_cpp import Llama
 
@@ -126,6 +215,12 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     figures: dict[str, dict[str, list[float]]] = {}
     native, base = interleaved(cfg.repeats, lambda: native_decode(engine, messages, cfg.decode_tokens), llama_decode)
     figures["decode_native_vs_llama_cpp_python"] = {"value": native, "baseline": base}
+    stock = LlamaCppDecoder(str(engine.model_path), cfg.n_ctx, threads)
+    native, base = interleaved(cfg.repeats, lambda: native_decode(engine, messages, cfg.decode_tokens),
+                               lambda: stock.decode_rate(tokens, cfg.decode_tokens))
+    stock.close()
+    figures["decode_native_vs_llama_cpp"] = {"value": native, "baseline": base}
+    graphs = engine.perf_counts()
 
     every_layer = tuple(range(1, engine.n_layer))
     vector = random_vector(engine, every_layer, norm=2.0)
@@ -181,6 +276,9 @@ def _native_group(cfg: Config) -> dict[str, Any]:
                                             for _ in range(cfg.repeats)]}
     ab_tokens = [len(engine.prompt(c.messages)[0]) for c in choices]
     return {"figures": figures, "facts": {"threads": threads, "ab_settings": len(settings),
+                                          "stock_threadpool": "a persistent threadpool" if stock.threadpool
+                                          else "no threadpool (not found)",
+                                          "graphs_reused": f"{graphs['graphs_reused']} of {graphs['single_decodes']}",
                                           "ab_questions": len(choices), "ab_prompt_tokens": max(ab_tokens),
                                           "prefill_tokens": len(long_prompt)}}
 
@@ -197,27 +295,60 @@ def _extract_items(cfg: Config) -> list[Any]:
 def _torch_group(cfg: Config) -> dict[str, Any]:
     import torch
 
-    from caa_local.bench.chat import random_vector
     from caa_local.torch.extract import extract, extract_loop
     from caa_local.torch.hf import chat_template_of, load_hf
-    from caa_local.torch.packed import _cache_arg
-    from caa_local.torch.steer import steer
 
-    engine = _engine(cfg)
-    threads = engine.n_threads
+    threads = _engine(cfg).n_threads  # the engine's thread count, so both sides match
     torch.set_num_threads(threads)
     model, tokenizer, _info = load_hf(cfg.model)
-    messages = [{"role": "user", "content": STORY}]
-    tokens, steer_from = engine.prompt(messages)
+
+    figures: dict[str, dict[str, list[float]]] = {}
+    template = chat_template_of(tokenizer)
+    items = _extract_items(cfg)
+    batched, loop = interleaved(
+        cfg.repeats,
+        lambda: timed_rate(len(items), lambda: extract(model, tokenizer, template, items, progress=False)),
+        lambda: timed_rate(len(items), lambda: extract_loop(model, tokenizer, template, items, progress=False)),
+    )
+    figures["extract_batched_vs_loop"] = {"value": batched, "baseline": loop}
+    return {"figures": figures, "facts": {"threads": threads, "extract_pairs": len(items)}}
+
+
+def _steered_story(cfg: Config) -> tuple[Any, list[dict[str, str]], Any, int]:
+    """(engine steered at its middle layer with a random norm-2 vector, messages, vector, layer)."""
+    from caa_local.bench.chat import random_vector
+
+    engine = _engine(cfg)
     layer = engine.n_layer // 2
     vector = random_vector(engine, (layer,), norm=2.0)
     engine.steer("bench", vector, 1.0, (layer,))
+    return engine, [{"role": "user", "content": STORY}], vector, layer
+
+
+def _decode_native_side(cfg: Config) -> dict[str, Any]:
+    """One side of decode_native_vs_transformers, in a process that never imports torch."""
+    engine, messages, _vector, _layer = _steered_story(cfg)
+    native_decode(engine, messages, cfg.torch_decode_tokens)  # warm-up
+    rate = native_decode(engine, messages, cfg.torch_decode_tokens)
+    return {"figures": {"decode_native_vs_transformers": {"value": [rate]}}, "facts": {"threads": engine.n_threads}}
+
+
+def _decode_transformers_side(cfg: Config) -> dict[str, Any]:
+    """The other side: transformers fp32 with the torch_steer hook, prefill untimed, then a
+    greedy loop of single-token forward passes with a KV cache (leaner than model.generate)."""
+    import torch
+    from transformers import DynamicCache
+
+    from caa_local.torch.hf import load_hf
+    from caa_local.torch.packed import _cache_arg
+    from caa_local.torch.steer import steer
+
+    engine, messages, vector, layer = _steered_story(cfg)
+    torch.set_num_threads(engine.n_threads)
+    model, _tokenizer, _info = load_hf(cfg.model)
+    tokens, steer_from = engine.prompt(messages)
 
     def hf_decode() -> float:
-        """transformers fp32 with the torch_steer hook: prefill untimed, then a greedy loop of
-        single-token forward passes with a KV cache (leaner than model.generate)."""
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         with torch.inference_mode(), steer(model, vector, 1.0, [layer], from_position=steer_from):
             out = model(input_ids=torch.tensor([tokens]), use_cache=True, **{_cache_arg(model): cache})
@@ -229,20 +360,8 @@ def _torch_group(cfg: Config) -> dict[str, Any]:
                 next_id = out.logits[:, -1].argmax(-1, keepdim=True)
             return n / (time.perf_counter() - start)
 
-    figures: dict[str, dict[str, list[float]]] = {}
-    native, base = interleaved(
-        cfg.repeats, lambda: native_decode(engine, messages, cfg.torch_decode_tokens), hf_decode)
-    figures["decode_native_vs_transformers"] = {"value": native, "baseline": base}
-
-    template = chat_template_of(tokenizer)
-    items = _extract_items(cfg)
-    batched, loop = interleaved(
-        cfg.repeats,
-        lambda: timed_rate(len(items), lambda: extract(model, tokenizer, template, items, progress=False)),
-        lambda: timed_rate(len(items), lambda: extract_loop(model, tokenizer, template, items, progress=False)),
-    )
-    figures["extract_batched_vs_loop"] = {"value": batched, "baseline": loop}
-    return {"figures": figures, "facts": {"threads": threads, "extract_pairs": len(items)}}
+    hf_decode()  # warm-up
+    return {"figures": {"decode_native_vs_transformers": {"baseline": [hf_decode()]}}, "facts": {}}
 
 
 def _rss_generate_group(cfg: Config) -> dict[str, Any]:
@@ -310,6 +429,7 @@ def _native_extract_groups(cfg: Config, rss_only: bool) -> dict[str, Any]:
 
 GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "native": _native_group, "torch": _torch_group,
+    "decode_native_side": _decode_native_side, "decode_transformers_side": _decode_transformers_side,
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),

@@ -421,3 +421,9 @@ class Engine:
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values are in this context's KV cache, in order."""
         return list(self._session.tokens)
+
+    def perf_counts(self) -> dict[str, int]:
+        """llama.cpp's own counters for this context: prompt tokens decoded in batches, single
+        tokens decoded, and how often it reused its compute graph instead of rebuilding it."""
+        n_prompt, n_single, n_reused = self._session.perf_counts
+        return {"prompt_tokens": n_prompt, "single_decodes": n_single, "graphs_reused": n_reused}
