@@ -60,6 +60,10 @@ def greedy(messages: list[dict[str, str]], max_tokens: int, steering: list[dict[
     return {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "steering": steering}
 
 
+def _note(figures: dict[str, Any], name: str) -> None:
+    print(json.dumps({name: figures[name]}), file=sys.stderr, flush=True)  # progress: a slow machine may stop us
+
+
 def serve_group(cfg: Any) -> dict[str, Any]:
     from caa_local.bench.tasks import interleaved
     from caa_local.engine.engine import Engine, Sampling
@@ -82,6 +86,7 @@ def serve_group(cfg: Any) -> dict[str, Any]:
 
         served, direct = interleaved(cfg.repeats, http_decode, engine_decode)
         figures["serve_decode_vs_engine"] = {"value": served, "baseline": direct}
+        _note(figures, "serve_decode_vs_engine")
         del engine
 
         def first_token(i: int) -> float:
@@ -90,6 +95,7 @@ def serve_group(cfg: Any) -> dict[str, Any]:
             return (arrivals[0] - sent) * 1000
         first_token(-1)
         figures["serve_first_token_ms"] = {"value": [first_token(i) for i in range(cfg.repeats)]}
+        _note(figures, "serve_first_token_ms")
 
         with ServerProcess("--slots", "2", *ctx, *model) as two:
             def batch(port: int, concurrent: bool) -> float:
@@ -112,6 +118,7 @@ def serve_group(cfg: Any) -> dict[str, Any]:
             concurrent, serial = interleaved(max(1, cfg.repeats // 2), lambda: batch(two.port, True),
                                              lambda: batch(one.port, False))
             figures["serve_concurrent_vs_serial"] = {"value": concurrent, "baseline": serial}
+            _note(figures, "serve_concurrent_vs_serial")
     return {"figures": figures, "facts": {}}
 
 
