@@ -74,6 +74,14 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "MiB", "<=", None,
         "fresh process: extract --backend native; target: GGUF + its KV cache ({extract_kv_mib:.0f} MiB) "
         "+ 200 MiB, and under a third of peak_rss_extract_mib"),
+    "serve_decode_vs_engine": (
+        "tok/s", ">=", 0.95,
+        "streamed tokens/s through `caa-local serve` (HTTP, SSE) vs Engine.generate in-process: same model, "
+        "threads and greedy settings, prefill excluded"),
+    "serve_concurrent_vs_serial": (
+        "tok/s", ">=", 1.2,
+        "4 requests with 4 different steerings at once on a 2-slot server vs one after another on a 1-slot server"),
+    "serve_first_token_ms": ("ms", None, None, "request sent to first streamed token, a ~50-token prompt"),
 }
 REQUIRED = tuple(name for name in SPECS if name != "ab_sweep_reuse_vs_batched_redecode")
 WORKER_TIMEOUT_S = 1800
@@ -122,7 +130,8 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
     steps = [("native", "decode, prefill, A/B sweep, multiplier change (llama.cpp, llama-cpp-python)"),
              ("torch", "extraction batched vs loop"),
              ("rss_generate", "peak RSS of generation"), ("rss_extract", "peak RSS of extraction"),
-             ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction")]
+             ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction"),
+             ("serve", "the server: HTTP vs in-process decode, concurrent slots, first token")]
     for group, what in steps:
         echo(f"bench: {what} ...")
         result = run_worker(group, cfg)

@@ -427,12 +427,19 @@ def _native_extract_groups(cfg: Config, rss_only: bool) -> dict[str, Any]:
             "facts": {"threads": engine.n_threads, "extract_pairs": len(items)}}
 
 
+def _serve_group(cfg: Config) -> dict[str, Any]:
+    from caa_local.bench.serve import serve_group
+
+    return serve_group(cfg)
+
+
 GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "native": _native_group, "torch": _torch_group,
     "decode_native_side": _decode_native_side, "decode_transformers_side": _decode_transformers_side,
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
+    "serve": _serve_group,
 }
 
 

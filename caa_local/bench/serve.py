@@ -1,7 +1,7 @@
 """The server's benchmark rows, measured against real `caa-local serve` processes.
 
 ``serve_group(cfg)`` returns ``{"figures": {name: {"value": [...], "baseline": [...]}}, "facts": {}}``
-as caa_local.bench.tasks groups do; ``python -m caa_local.serve.bench [--quick]`` prints it.
+as caa_local.bench.tasks groups do; ``python -m caa_local.bench.serve [--quick]`` prints it.
 
 - serve_decode_vs_engine: streamed tokens/s through HTTP vs Engine.generate in this process, same
   model, threads and greedy settings; both timed from the first piece to the last (prefill excluded).
