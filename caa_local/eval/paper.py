@@ -257,7 +257,9 @@ def _across_behaviors(out: Path, inputs: PaperInputs, config: PaperConfig, chose
     from caa_local.eval.analyze import behavior_cosines, format_matrix
 
     lines: list[str] = []
-    layer = PAPER_LAYER if PAPER_LAYER < inputs.engine.n_layer else max(set(chosen.values()), key=list(chosen.values()).count)
+    # The layer most behaviors chose (the paper's 13 of 32 is a 7B model's; never assume a fixed depth).
+    counts = list(chosen.values())
+    layer = max(sorted(set(counts)), key=counts.count)
     behaviors = list(config.behaviors)
     if len(behaviors) >= 2:
         names, matrix = behavior_cosines({b: inputs.vectors[b] for b in behaviors}, layer)
