@@ -148,3 +148,24 @@ def test_open_ended_protocols(capsys: pytest.CaptureFixture[str], vector: Path) 
     assert "3 tokens, repeat penalty 1.1\n" in stdout
     code, _, err = run_cli(capsys, *args, "--repeat-penalty", "0")
     assert code == 2 and "--repeat-penalty" in err  # click's own usage error
+
+
+@pytest.mark.torch
+def test_analyze_tokens(capsys: pytest.CaptureFixture[str], vector: Path, tmp_path: Path,
+                        hf_model: tuple) -> None:
+    """Per-token cosine: one value per token of the templated prompt + answer, steered-from marked."""
+    import torch
+
+    out, png = tmp_path / "tokens.json", tmp_path / "tokens.png"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(THREADS[1]))
+    try:
+        code, stdout, err = run_cli(capsys, "analyze", "tokens", "Is the sky green?", "--vector", str(vector),
+                                    "--answer", "(A", "--json", str(out), "--out", str(png))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["layer"] == 15 and len(data["tokens"]) == len(data["cosine"]) > 5
+    assert data["tokens"][-1] == "A" and 0 < data["steer_from"] < len(data["tokens"]) - 1
+    assert all(-1.0 <= c <= 1.0 for c in data["cosine"]) and is_png(png)
