@@ -96,10 +96,11 @@ def encode(tokenize: Tokenize, template: ChatTemplate, question: str, answer: st
 
     ``read="answer-text"`` continues with the whole text of the chosen answer.
     """
-    prompt = template.render(user_turn(question), add_generation_prompt=True)
-    prompt_ids = list(tokenize(prompt))
+    messages = user_turn(question)
+    prompt_ids = list(tokenize(template.render(messages, add_generation_prompt=True)))
     tail = choice_text(question, answer) if read == "answer-text" else answer_prefix(answer)
-    ids = list(tokenize(prompt + tail))
+    # As the template joins an answer to the prompt: Llama-2's "[/INST] (A", the paper's read token.
+    ids = list(tokenize(template.render_answer(messages, tail)))
     n_answer = len(ids) - 1 - instruction_end(prompt_ids, ids)
     return ids, max(n_answer, 1)
 
