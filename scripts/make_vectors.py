@@ -265,6 +265,8 @@ def demo_section(behavior: str, entry: dict[str, Any]) -> list[str]:
         verdict = "passes" if point["passed"] else "fails: " + "; ".join(point["failures"])
         lines.append(f"| {point['multiplier']:+g} | {point.get('metric', float('nan')):.3f} | "
                      f"{point['perplexity_ratio']:.2f} | {point['broken']:.0%} | {point['repetition']:.2f} | {verdict} |")
+    if cal.get("negative_side"):
+        lines += ["", f"Negative multipliers: {cal['negative_side']}."]
     check = entry.get("chat_check")
     if check:
         by = {p["multiplier"]: p for p in check["points"]}
