@@ -259,7 +259,7 @@ def demo_section(behavior: str, entry: dict[str, Any]) -> list[str]:
            f"among the best A/B layers ({_scores(choice['scores'])}).")
     lines = ["", f"## {behavior}: layer {cal['layer']}, multipliers {span}", "",
              f"{how} Strength: {cal['conversations']} conversations x {cal['turns']} turns per multiplier "
-             f"({cal['n']} answers), chat sampling; calibration took {entry['seconds']:.0f} s on the 2-core dev machine.", "",
+             f"({cal['n']} answers), chat sampling; calibration took {cal['seconds']:.0f} s on the shared 2-core dev machine (1 thread).", "",
              f"| multiplier | {metric} | perplexity ratio | broken turns | repetition | guard |", "|---|---|---|---|---|---|"]
     for point in cal["curve"]:
         verdict = "passes" if point["passed"] else "fails: " + "; ".join(point["failures"])
