@@ -78,7 +78,8 @@ def calibrate_vector(engine: Any, behavior: str, vector: ControlVector, args: ar
     settings = Settings(metric=DEMO_METRIC.get(behavior, "p_match"), val_limit=args.val_limit,
                         conversations=args.conversations, turns=3, max_tokens=args.max_tokens,
                         mmlu_limit=args.mmlu_limit, candidates=args.candidates, layer_prompts=args.layer_prompts,
-                        multipliers=(*(-m for m in args.negative_multipliers or args.multipliers), *args.multipliers),
+                        multipliers=(*(-m for m in (args.multipliers if args.negative_multipliers is None
+                                                    else args.negative_multipliers)), *args.multipliers),
                         layers=[vector.recommended_layer()] if args.keep_layers and vector.recommended_layer() else None)
     log(f"calibrate {behavior}")
     summary = calibrate(engine, vector, load_data(behavior, None, settings), settings, log=lambda m: log(f"  {m}"))
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--layer-prompts", type=int, default=6, help="open-ended prompts of that probe")
     parser.add_argument("--multipliers", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
                         help="strengths tried on each side (outwards until the guard fails)")
-    parser.add_argument("--negative-multipliers", type=float, nargs="+", default=None,
+    parser.add_argument("--negative-multipliers", type=float, nargs="*", default=None,
                         help="magnitudes tried on the negative side (default: --multipliers)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=None, help="restrict to these behaviors")
@@ -258,12 +259,14 @@ def demo_section(behavior: str, entry: dict[str, Any]) -> list[str]:
            f"among the best A/B layers ({_scores(choice['scores'])}).")
     lines = ["", f"## {behavior}: layer {cal['layer']}, multipliers {span}", "",
              f"{how} Strength: {cal['conversations']} conversations x {cal['turns']} turns per multiplier "
-             f"({cal['n']} answers), chat sampling; calibration took {entry['seconds']:.0f} s on the 2-core dev machine.", "",
+             f"({cal['n']} answers), chat sampling; calibration took {cal['seconds']:.0f} s on the shared 2-core dev machine (1 thread).", "",
              f"| multiplier | {metric} | perplexity ratio | broken turns | repetition | guard |", "|---|---|---|---|---|---|"]
     for point in cal["curve"]:
         verdict = "passes" if point["passed"] else "fails: " + "; ".join(point["failures"])
         lines.append(f"| {point['multiplier']:+g} | {point.get('metric', float('nan')):.3f} | "
                      f"{point['perplexity_ratio']:.2f} | {point['broken']:.0%} | {point['repetition']:.2f} | {verdict} |")
+    if cal.get("negative_side"):
+        lines += ["", f"Negative multipliers: {cal['negative_side']}."]
     check = entry.get("chat_check")
     if check:
         by = {p["multiplier"]: p for p in check["points"]}
