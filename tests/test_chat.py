@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,13 +59,8 @@ def test_steer_scale_layers_unsteer(session: ChatSession, vector_file: Path) -> 
     assert session.status() == "[steer: rand x+2 @ 10]"
     session.handle(f"/steer {vector_file} 3 8-9")
     assert session.engine.steering.get("rand").layers == (8, 9)
-    timings = []
-    for scale in (5, -1.5, 4, 0.5, 5):
-        start = time.perf_counter()
-        out = session.handle(f"/scale rand {scale}")
-        timings.append(time.perf_counter() - start)
-        assert "applied in" in out
-    assert sorted(timings)[2] < 0.05  # a live change costs well under 50 ms: no reload
+    for scale in (5, -1.5, 4, 0.5, 5):  # live changes, no reload (their cost: caa-local bench)
+        assert "applied in" in session.handle(f"/scale rand {scale}")
     assert session.engine.steering.get("rand").scale == 5.0
     session.handle("/layers 11")
     assert session.engine.steering.get("rand").layers == (11,)

@@ -6,7 +6,6 @@ prompts; the aggregation is tested separately on synthetic ground truth.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -275,10 +274,8 @@ def test_steer_with_kv_cache_matches_full_pass(hf_model: tuple[Any, Any, Any]) -
 def test_second_gguf_load_is_cached_and_identical(hf_model: tuple[Any, Any, Any]) -> None:
     model, tokenizer, template = hf_model
     ids = _ids(tokenizer, template, "Hello!")
-    started = time.perf_counter()
     again, tokenizer2, info = load_hf(None)
-    elapsed = time.perf_counter() - started
-    assert info.from_cache and elapsed < 15, elapsed
+    assert info.from_cache
     assert (info.n_layer, info.n_embd, info.arch) == (30, 576, "llama")
     assert info.sha256 == cached_sha256(info.path)
     assert tokenizer2.chat_template == tokenizer.chat_template

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-from caa_local.core.errors import CaaError, ModelMismatchError, VectorFileError
+from caa_local.core.errors import CaaError, LayerRangeError, ModelMismatchError, VectorFileError
 from caa_local.core.vector import ControlVector
 from conftest import write_raw_vector
 
@@ -215,7 +215,7 @@ def test_constructor_copies_its_inputs() -> None:
 
 def test_only_and_with_metadata(vec: ControlVector) -> None:
     assert vec.only([13]).layers == [13]
-    with pytest.raises(ModelMismatchError, match="no direction for layer 7"):
+    with pytest.raises(LayerRangeError, match="no direction for layer 7"):
         vec.only([7])
     assert vec.with_metadata(recommended_multiplier=1.5).recommended_multiplier() == 1.5
 

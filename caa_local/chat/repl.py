@@ -22,7 +22,8 @@ from caa_local.engine.engine import ContextFullError, Engine, GenerationResult, 
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import parse_layer_spec
 from caa_local.core.locate import shipped_vector_names
-from caa_local.core.parsing import PARAMS, load_vector, parse_param, parse_scale, split_vector_spec
+from caa_local.core.locate import load_vector
+from caa_local.core.parsing import PARAMS, parse_param, parse_scale, split_vector_spec
 from caa_local.core.steering import SteeringTerm, multiplier_warning
 from caa_local.core.templates import Message, drop_oldest_exchange
 
@@ -185,7 +186,8 @@ class ChatSession:
         if len(args) > 1:
             scale = parse_scale(args[1], "/steer scale")
         layers = parse_layer_spec(args[2], self.engine.n_layer) if len(args) > 2 else None
-        name, vector = load_vector(target)
+        path, vector = load_vector(target)
+        name = path.stem
         if scale is None:
             scale = vector.recommended_multiplier() or 1.0
         term = self.engine.steer(name, vector, scale, layers, any_arch=self.force)

@@ -15,7 +15,6 @@ import click
 from caa_local.core.errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
-VECTOR_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group(name="analyze")
@@ -32,21 +31,21 @@ def _check(force: bool, *paths: Path | None) -> None:
 
 
 @analyze.command(name="cosine")
-@click.argument("vector_path", type=VECTOR_FILE)
+@click.argument("vector_name")
 @click.option("out", "--out", type=OUT, default=None, help="Write a layer x layer heatmap PNG.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
-def analyze_cosine(vector_path: Path, out: Path | None, force: bool) -> None:
+def analyze_cosine(vector_name: str, out: Path | None, force: bool) -> None:
     """Cosine similarity of one vector's directions across layers.
 
     \b
     Example:
         caa-local analyze cosine vectors/sycophancy.gguf --out cosine.png
     """
+    from caa_local.core.locate import load_vector
     from caa_local.eval.analyze import layer_cosines
-    from caa_local.core.vector import ControlVector
 
     _check(force, out)
-    vector = ControlVector.load(vector_path)
+    vector_path, vector = load_vector(vector_name)
     layers, matrix = layer_cosines(vector)
     if len(layers) > 1:
         neighbours = [matrix[i, i + 1] for i in range(len(layers) - 1)]
@@ -62,24 +61,24 @@ def analyze_cosine(vector_path: Path, out: Path | None, force: bool) -> None:
 
 
 @analyze.command(name="behaviors")
-@click.argument("vector_paths", nargs=-1, required=True, type=VECTOR_FILE)
+@click.argument("vector_names", nargs=-1, required=True)
 @click.option("layer", "--layer", type=int, required=True, help="Layer to compare the vectors at.")
 @click.option("out", "--out", type=OUT, default=None, help="Write a behavior x behavior heatmap PNG.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
-def analyze_behaviors(vector_paths: tuple[Path, ...], layer: int, out: Path | None, force: bool) -> None:
+def analyze_behaviors(vector_names: tuple[str, ...], layer: int, out: Path | None, force: bool) -> None:
     """Cosine similarity between behaviors' vectors at one layer.
 
     \b
     Example:
         caa-local analyze behaviors vectors/*.gguf --layer 15 --out behaviors.png
     """
+    from caa_local.core.locate import load_vector
     from caa_local.eval.analyze import behavior_cosines, format_matrix
-    from caa_local.core.vector import ControlVector
 
     _check(force, out)
     vectors = {}
-    for path in vector_paths:
-        vector = ControlVector.load(path)
+    for name_or_path in vector_names:
+        path, vector = load_vector(name_or_path)
         name = vector.metadata.get("behavior") or path.stem
         vectors[name if name not in vectors else path.stem] = vector
     names, matrix = behavior_cosines(vectors, layer)

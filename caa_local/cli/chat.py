@@ -60,7 +60,8 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> list[tuple[str, Any, float]]:
     """Read --vector NAME|FILE[:SCALE] options into (name, vector, scale), before any model loads."""
-    from caa_local.core.parsing import load_vector, split_vector_spec
+    from caa_local.core.locate import load_vector
+    from caa_local.core.parsing import split_vector_spec
     from caa_local.core.steering import check_multiplier
 
     if multiplier is not None:
@@ -68,7 +69,8 @@ def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> 
     loaded: list[tuple[str, Any, float]] = []
     for spec in specs:
         target, scale = split_vector_spec(spec)
-        name, vector = load_vector(target)
+        path, vector = load_vector(target)
+        name = path.stem
         if any(name == other for other, _, _ in loaded):
             name = f"{name}-{len(loaded) + 1}"
         if scale is None:

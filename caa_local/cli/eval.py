@@ -48,11 +48,9 @@ def _outputs(force: bool, *paths: Path | None) -> None:
 
 
 def _vector(name: str) -> tuple[Path, Any]:
-    from caa_local.core.locate import resolve_vector
-    from caa_local.core.vector import ControlVector
+    from caa_local.core.locate import load_vector
 
-    path = resolve_vector(name)
-    return path, ControlVector.load(path)
+    return load_vector(name)
 
 
 def _layers(spec: str | None, vector: Any, where: Path, n_layer: int | None) -> list[int]:

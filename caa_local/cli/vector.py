@@ -23,11 +23,9 @@ def vector_info(name_or_path: str) -> None:
     Example:
       caa-local vector info sentiment
     """
-    from caa_local.core.locate import resolve_vector
-    from caa_local.core.vector import ControlVector
+    from caa_local.core.locate import load_vector
 
-    path = resolve_vector(name_or_path)
-    vec = ControlVector.load(path)
+    path, vec = load_vector(name_or_path)
     click.echo(f"file:        {path}")
     click.echo(f"model hint:  {vec.model_hint}")
     click.echo(f"n_embd:      {vec.n_embd}")
@@ -41,14 +39,13 @@ def vector_info(name_or_path: str) -> None:
 @vector.command(name="list")
 def vectors_list() -> None:
     """List the shipped vectors with their recommended layer and multiplier."""
-    from caa_local.core.locate import resolve_vector, shipped_vector_names
-    from caa_local.core.vector import ControlVector
+    from caa_local.core.locate import load_vector, shipped_vector_names
 
     names = shipped_vector_names()
     if not names:
         click.echo("no shipped vectors found")
     for name in names:
-        vec = ControlVector.load(resolve_vector(name))
+        vec = load_vector(name)[1]
         layer = vec.recommended_layer()
         mult = vec.recommended_multiplier()
         click.echo(
@@ -71,7 +68,8 @@ def vector_combine(terms: tuple[str, ...], out: Path, layers_spec: str | None, f
       caa-local vector combine sentiment:1 enthusiasm:-0.5 --out mix.gguf
     """
     from caa_local.core.atomic import check_writable
-    from caa_local.core.parsing import load_vector, split_vector_spec
+    from caa_local.core.locate import load_vector
+    from caa_local.core.parsing import split_vector_spec
 
     check_writable(out, force)
     parsed = [split_vector_spec(term) for term in terms]  # every scale checked before any file is read

@@ -19,7 +19,7 @@ from caa_local.core.errors import VectorFileError
 MAX_LAYER = 1024
 MAX_ARRAY_LEN = 1 << 16  # metadata arrays: gguf's reader builds one numpy object per element
 
-_GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
 _GGUF_STRING, _GGUF_ARRAY, _GGUF_UINT32 = 8, 9, 4
 _GGUF_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -114,8 +114,8 @@ def check_layout(buf: mmap.mmap, size: int) -> None:
 
     cur = _Cursor(buf, size)
     magic = buf[cur.skip(4, "magic") : 4]
-    if magic != _GGUF_MAGIC:
-        raise VectorFileError(f"not a GGUF file: starts with {magic!r}, expected {_GGUF_MAGIC!r}")
+    if magic != GGUF_MAGIC:
+        raise VectorFileError(f"not a GGUF file: starts with {magic!r}, expected {GGUF_MAGIC!r}")
     version = cur.u32("version")
     if version and version & 0xFFFF == 0:
         raise VectorFileError(

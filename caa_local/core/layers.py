@@ -44,10 +44,18 @@ def steerable_range(n_layer: int) -> range:
     return range(FIRST_STEERABLE_LAYER, n_layer)
 
 
+BLOCK_0 = "llama.cpp cannot steer block 0"
+
+
+def no_direction(where: str, layer: int, held: Iterable[int]) -> LayerRangeError:
+    """The one error for a layer a vector holds no direction for."""
+    return LayerRangeError(f"{where} has no direction for layer {layer} (it holds {format_layers(held)})")
+
+
 def check_steerable(layer: int, n_layer: int, what: str = "layer") -> int:
     """Return ``layer`` if llama.cpp can steer it, else raise a clear LayerRangeError."""
     if layer not in steerable_range(n_layer):
-        hint = " (llama.cpp cannot steer block 0)" if layer == 0 else ""
+        hint = f" ({BLOCK_0})" if layer == 0 else ""
         raise LayerRangeError(
             f"{what} {layer} is out of range for this model (valid: 1..{n_layer - 1}){hint}"
         )
@@ -122,5 +130,5 @@ def check_vector_layers(layers: Iterable[int], held: Iterable[int], n_layer: int
         check_steerable(layer, n_layer)
     missing = [layer for layer in asked if layer not in held]
     if missing:
-        raise LayerRangeError(f"the vector has no direction for layer {missing[0]} (it holds {format_layers(held)})")
+        raise no_direction("the vector", missing[0], held)
     return sorted(set(asked))

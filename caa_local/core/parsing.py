@@ -10,7 +10,6 @@ from pathlib import Path
 
 from caa_local.core.errors import CaaError
 from caa_local.core.steering import check_multipliers
-from caa_local.core.vector import ControlVector
 
 SPEC_HINT = "use NAME|FILE[:SCALE], e.g. sentiment:2"
 # /params: name -> (type, lowest allowed, whether the lowest is allowed, highest)
@@ -44,14 +43,6 @@ def split_vector_spec(spec: str) -> tuple[str, float | None]:
     if not sep or not head or "/" in tail or "\\" in tail or Path(spec).exists():
         return spec, None
     return head, parse_scale(tail, f"vector {spec!r}", SPEC_HINT)
-
-
-def load_vector(name_or_path: str) -> tuple[str, ControlVector]:
-    """A shipped vector by name, or a vector file; named after the file's stem."""
-    from caa_local.core.locate import resolve_vector
-
-    path = resolve_vector(name_or_path)
-    return path.stem, ControlVector.load(path)
 
 
 def parse_multipliers(text: str) -> list[float]:

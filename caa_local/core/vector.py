@@ -23,7 +23,7 @@ import numpy.typing as npt
 from caa_local.core.atomic import atomic_path
 from caa_local.core.errors import ModelMismatchError, VectorFileError
 from caa_local.core.gguf_check import HEADER_BYTES, MAX_LAYER, check_layout, short
-from caa_local.core.layers import FIRST_STEERABLE_LAYER, layer_from_tensor_name, tensor_name
+from caa_local.core.layers import BLOCK_0, FIRST_STEERABLE_LAYER, layer_from_tensor_name, no_direction, tensor_name
 
 ARCH = "controlvector"
 KEY_HINT = "controlvector.model_hint"
@@ -141,9 +141,7 @@ class ControlVector:
     def only(self, layers: list[int]) -> "ControlVector":
         missing = [layer for layer in layers if layer not in self.directions]
         if missing:
-            raise ModelMismatchError(
-                f"vector has no direction for layer {missing[0]} (it holds {_span(self.layers)})"
-            )
+            raise no_direction("vector", missing[0], self.layers)
         return ControlVector(self.model_hint, {l: self.directions[l] for l in layers}, self.metadata)
 
     def with_metadata(self, **updates: object) -> "ControlVector":
@@ -287,7 +285,7 @@ def _read(path: Path) -> ControlVector:
             raise VectorFileError(f"{where}: expected names 'direction.N' (N = 1, 2, ...)")
         if layer == 0:
             raise VectorFileError(
-                "tensor 'direction.0': llama.cpp cannot steer block 0 (use layers 1 and up)"
+                f"tensor 'direction.0': {BLOCK_0} (use layers 1 and up)"
             )
         if layer in directions:  # names are checked unique above; keep layers unique too
             raise VectorFileError(f"{where} appears twice")

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from caa_local.core.errors import CaaError, ModelMismatchError
+from caa_local.core.layers import no_direction
 from caa_local.core.vector import ControlVector
 
 
@@ -42,7 +43,7 @@ def behavior_cosines(
         raise ModelMismatchError(f"the vectors have different n_embd ({sorted(sizes)}): from different models?")
     missing = [name for name in names if layer not in vectors[name].directions]
     if missing:
-        raise CaaError(f"{missing[0]}: no direction for layer {layer} (it holds {vectors[missing[0]].layers})")
+        raise no_direction(missing[0], layer, vectors[missing[0]].layers)
     return names, cosine_matrix(np.stack([vectors[name].directions[layer] for name in names]))
 
 

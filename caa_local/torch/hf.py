@@ -23,7 +23,7 @@ import torch
 
 from caa_local.core.atomic import write_json
 from caa_local.core.errors import ModelLoadError
-from caa_local.core.locate import default_model_path, file_sha256
+from caa_local.core.locate import default_model_path, file_sha256, resolve_gguf
 from caa_local.core.templates import CHATML, ChatTemplate
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -129,9 +129,7 @@ def _save_cache(model: Any, tokenizer: Any, target: Path, meta: dict[str, Any]) 
 
 
 def _load_gguf(path: Path, dtype: str, device: str) -> tuple[Any, Any, str, bool]:
-    with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path}: not a GGUF file (missing GGUF magic)")
+    resolve_gguf(path)  # the magic check
     sha = cached_sha256(path)
     target = cache_root() / "hf" / sha / dtype
     kwargs = {"dtype": _torch_dtype(dtype), **_placement(device)}
