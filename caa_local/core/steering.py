@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from caa_local.core.errors import CaaError
-from caa_local.core.layers import check_steerable, cvec_buffer, format_layers
+from caa_local.core.layers import check_steerable, cvec_buffer, format_layers, no_direction
 from caa_local.core.vector import ControlVector
 
 ABSURD_MULTIPLIER = 50.0
@@ -89,10 +89,7 @@ def make_term(name: str, vector: ControlVector, scale: float,
     chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
     missing = [layer for layer in chosen if layer not in vector.directions]
     if missing:
-        raise CaaError(
-            f"vector {name!r} has no direction for layer {missing[0]} "
-            f"(it holds {format_layers(vector.layers)})"
-        )
+        raise no_direction(f"vector {name!r}", missing[0], vector.layers)
     return SteeringTerm(name, vector, check_multiplier(scale), chosen)
 
 

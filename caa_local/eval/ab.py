@@ -13,10 +13,9 @@ live in ``caa_local.eval.open_ended``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -161,7 +160,7 @@ def sweep_choices(
                 index[(layer, mult)] = index[(0, 0.0)]
             else:
                 index[(layer, mult)] = len(settings)
-                settings.append((dataclasses.replace(unit, scale=mult, layers=(layer,)),))
+                settings.append((replace(unit, scale=mult, layers=(layer,)),))
     scores = []
     for start in range(0, len(choices), CHUNK_QUESTIONS):
         scores.append(engine.score_ab(choices[start : start + CHUNK_QUESTIONS], settings, positions, progress))
