@@ -72,7 +72,7 @@ CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], str]] = [
     ("text file as model", lambda f: [*GEN, "--model", str(f["text"])], "not a GGUF file"),
     ("vector from a bigger model", lambda f: [*GEN, "--vector", str(f["bigembd"])], "n_embd is 576"),
     ("layer beyond the model", lambda f: [*GEN, "--vector", str(f["beyond"])], "direction.31"),
-    ("vector for another architecture", lambda f: [*GEN, "--vector", str(f["qwen"])], "--force"),
+    ("vector for another architecture", lambda f: [*GEN, "--vector", str(f["qwen"])], "--any-arch"),
     ("layer 0", lambda f: [*GEN, "--vector", str(f["good"]), "--layers", "0"], "block 0"),
     ("layer 30", lambda f: [*GEN, "--vector", str(f["good"]), "--layers", "30"], "valid: 1..29"),
     ("bad layer spec", lambda f: [*GEN, "--vector", str(f["good"]), "--layers", "5-x"], "layer spec"),

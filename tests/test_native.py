@@ -134,7 +134,7 @@ def test_vector_from_another_model_is_refused(engine: Engine) -> None:
     with pytest.raises(ModelMismatchError, match="direction.31"):
         engine.steer("beyond", beyond, 1.0)
     other = ControlVector("qwen2", {5: np.ones(576, np.float32)})
-    with pytest.raises(ModelMismatchError, match="--force"):
+    with pytest.raises(ModelMismatchError, match="--any-arch"):
         engine.steer("other", other, 1.0)
     engine.steer("other", other, 1.0, any_arch=True)
     engine.unsteer()

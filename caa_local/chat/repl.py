@@ -53,11 +53,11 @@ class ChatSession:
     """Messages, sampling and a transcript around one Engine; ``handle`` runs one input line."""
 
     def __init__(self, engine: Engine, sampling: Sampling = CHAT_SAMPLING, system: str | None = None,
-                 write: Callable[[str], None] | None = None, force: bool = False,
+                 write: Callable[[str], None] | None = None, any_arch: bool = False,
                  positions: str = "response") -> None:
         self.engine = engine
         self.sampling = sampling
-        self.force = force  # accept vectors made for another architecture
+        self.any_arch = any_arch  # accept vectors made for another architecture
         self.positions = check_positions(positions)
         self.messages: list[Message] = []
         self.transcript: list[dict[str, object]] = []
@@ -190,7 +190,7 @@ class ChatSession:
         name = path.stem
         if scale is None:
             scale = vector.recommended_multiplier() or 1.0
-        term = self.engine.steer(name, vector, scale, layers, any_arch=self.force)
+        term = self.engine.steer(name, vector, scale, layers, any_arch=self.any_arch)
         self.say(f"steering: {term.describe()}")
         if warning := multiplier_warning(scale):
             self.say(warning)

@@ -99,6 +99,11 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+any_arch_option = click.option(
+    "any_arch", "--any-arch", is_flag=True,
+    help="Accept a vector made for another architecture (its shapes must still fit the model).")
+
+
 def warn(message: str) -> None:
     """A warning or note for the user: stderr, so piped answers stay clean."""
     click.echo(message, err=True)

@@ -63,29 +63,27 @@ def analyze_cosine(vector_name: str, out: Path | None, force: bool) -> None:
 
 @analyze.command(name="behaviors")
 @click.argument("vector_names", nargs=-1, required=True)
-@click.option("layer", "--layer", type=int, default=None, help="Layer to compare the vectors at.")
-@click.option("layer_spec", "--layers", default=None, metavar="SPEC",
-              help="Compare at every layer of SPEC (e.g. all): cosine per layer for each pair, "
-                   "as the paper compares base- and chat-model vectors.")
+@click.option("layer_spec", "--layers", "--layer", required=True, metavar="SPEC",
+              help="One layer (e.g. 15): the behaviors' cosine matrix there; several (e.g. all): cosine per "
+                   "layer for each pair, as the paper compares base- and chat-model vectors.")
 @click.option("out", "--out", type=OUT, default=None,
               help="Write a heatmap PNG (one layer) or cosine-vs-layer lines (several).")
 @click.option("json_path", "--json", type=OUT, default=None, help="Write the per-layer cosines as JSON.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
-def analyze_behaviors(vector_names: tuple[str, ...], layer: int | None, layer_spec: str | None, out: Path | None,
+def analyze_behaviors(vector_names: tuple[str, ...], layer_spec: str, out: Path | None,
                       json_path: Path | None, force: bool) -> None:
     """Cosine similarity between vectors: behaviors at one layer, or pairs across layers.
 
     \b
     Example:
-        caa-local analyze behaviors vectors/*.gguf --layer 15 --out behaviors.png
+        caa-local analyze behaviors vectors/*.gguf --layers 15 --out behaviors.png
         caa-local analyze behaviors base/sycophancy.gguf chat/sycophancy.gguf --layers all --out base-chat.png
     """
     from caa_local.core.locate import load_vector
     from caa_local.eval.analyze import behavior_cosines, format_matrix
 
     _check(force, out, json_path)
-    if (layer is None) == (layer_spec is None):
-        raise CaaError("give one of --layer L (behaviors at one layer) or --layers SPEC (pairs across layers)")
+    layer = int(layer_spec) if layer_spec.strip().isdigit() else None
     vectors = {}
     for name_or_path in vector_names:
         path, vector = load_vector(name_or_path)
@@ -132,7 +130,8 @@ def analyze_behaviors(vector_names: tuple[str, ...], layer: int | None, layer_sp
 @analyze.command(name="tokens")
 @click.argument("prompt")
 @click.option("vector_name", "--vector", "-v", required=True, metavar="NAME|FILE", help="The vector.")
-@click.option("layer", "--layer", type=int, default=None, help="Layer (default: the vector's recommended one).")
+@click.option("layer", "--layers", "--layer", type=int, default=None, metavar="LAYER",
+              help="Layer (default: the vector's recommended one).")
 @click.option("answer", "--answer", default="", help="Text written into the assistant turn after the prompt.")
 @click.option("model_path", "--model", "-m", default=None,
               help="GGUF file, Hugging Face directory or hub id (default: the default model).")
@@ -161,7 +160,7 @@ def analyze_tokens(prompt: str, vector_name: str, layer: int | None, answer: str
     vector_path, vector = load_vector(vector_name)
     chosen = layer if layer is not None else vector.recommended_layer()
     if chosen is None:
-        raise CaaError(f"{vector_path}: the vector records no recommended layer; pass --layer")
+        raise CaaError(f"{vector_path}: the vector records no recommended layer; pass --layers")
     from caa_local.torch.hf import load_hf
 
     model, tokenizer, info = load_hf(model_path, device=device)

@@ -16,13 +16,13 @@ from typing import Any
 
 import click
 
-from caa_local.cli import clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import any_arch_option, clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
 
 POSITIONS = ("response", "all")  # engine.POSITIONS, repeated to keep --help fast
 
 
 def steering_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--vector/--multiplier/--layers/--positions/--force, shared by chat and generate."""
+    """--vector/--multiplier/--layers/--positions/--any-arch, shared by chat and generate."""
     options = [
         click.option("vectors", "--vector", "-v", multiple=True, metavar="NAME|FILE[:SCALE]",
                      help="Steer with a shipped vector or a .gguf file, optionally scaled; repeatable."),
@@ -32,8 +32,7 @@ def steering_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Layers for every vector, e.g. 12, 10-14, all (default: the vector's recommended layer)."),
         click.option("positions", "--positions", type=click.Choice(POSITIONS), default="response",
                      show_default=True, help="Steer only the answer (CAA's mask) or every token."),
-        click.option("force", "--force", is_flag=True,
-                     help="Allow vectors made for another architecture; overwrite output files."),
+        any_arch_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -80,20 +79,20 @@ def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> 
 
 
 def steer_all(engine: Any, loaded: Sequence[tuple[str, Any, float]], layers: str | None = None,
-              force: bool = False) -> None:
+              any_arch: bool = False) -> None:
     """Steer with every loaded vector (on ``layers`` if given)."""
     from caa_local.core.layers import parse_layer_spec
     from caa_local.core.vector import no_layer_warning
 
     layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
     for name, vector, scale in loaded:
-        engine.steer(name, vector, scale, layer_list, force)
+        engine.steer(name, vector, scale, layer_list, any_arch=any_arch)
         if layer_list is None and (warning := no_layer_warning(name, vector, scale)):
             warn(warning)
 
 
 def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
-           multiplier: float | None, layers: str | None, positions: str, force: bool,
+           multiplier: float | None, layers: str | None, positions: str, any_arch: bool,
            temperature: float, top_p: float, max_tokens: int, seed: int):  # noqa: ANN202
     """(engine, sampling) with the --vector options applied; warnings go to stderr."""
     import dataclasses
@@ -106,7 +105,7 @@ def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: in
         parse_layer_spec(layers)  # syntax errors before the model loads
     warn_multipliers(scale for _, _, scale in loaded)
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
-    steer_all(engine, loaded, layers, force)
+    steer_all(engine, loaded, layers, any_arch)
     sampling = dataclasses.replace(CHAT_SAMPLING, temperature=temperature, top_p=top_p,
                                    max_tokens=clamp_max_tokens(max_tokens, engine), seed=seed)
     return engine, sampling
@@ -180,7 +179,7 @@ def repl(session: Any) -> None:
 @steering_options
 @sampling_options
 def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
-         multiplier: float | None, layers: str | None, positions: str, force: bool, system: str | None,
+         multiplier: float | None, layers: str | None, positions: str, any_arch: bool, system: str | None,
          temperature: float, top_p: float, max_tokens: int, seed: int) -> None:
     """Chat with a model, changing its steering live with /steer, /scale, /unsteer.
 
@@ -190,11 +189,11 @@ def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
     """
     preload = _preload_prompt_toolkit()
     engine, sampling = _setup(model_path, n_ctx, n_threads, n_gpu_layers, vectors, multiplier, layers,
-                              positions, force, temperature, top_p, max_tokens, seed)
+                              positions, any_arch, temperature, top_p, max_tokens, seed)
     from caa_local.chat.repl import ChatSession
 
     preload.join()
-    repl(ChatSession(engine, sampling, system=system, force=force, positions=positions))
+    repl(ChatSession(engine, sampling, system=system, any_arch=any_arch, positions=positions))
 
 
 @click.command()
@@ -204,10 +203,11 @@ def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
 @sampling_options
 @click.option("json_path", "--json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the answer, steering and timings as JSON to this file.")
+@click.option("force", "--force", is_flag=True, help="Overwrite the --json file if it exists.")
 def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
              vectors: tuple[str, ...], multiplier: float | None, layers: str | None, positions: str,
-             force: bool, system: str | None, temperature: float, top_p: float, max_tokens: int, seed: int,
-             json_path: Path | None) -> None:
+             any_arch: bool, system: str | None, temperature: float, top_p: float, max_tokens: int, seed: int,
+             json_path: Path | None, force: bool) -> None:
     """Answer one PROMPT, streamed to stdout.
 
     \b
@@ -219,10 +219,10 @@ def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n
     if json_path is not None:
         check_writable(json_path, force)
     engine, sampling = _setup(model_path, n_ctx, n_threads, n_gpu_layers, vectors, multiplier, layers,
-                              positions, force, temperature, top_p, max_tokens, seed)
+                              positions, any_arch, temperature, top_p, max_tokens, seed)
     from caa_local.chat.repl import ChatSession
 
-    session = ChatSession(engine, sampling, system=system, force=force, positions=positions)
+    session = ChatSession(engine, sampling, system=system, any_arch=any_arch, positions=positions)
     result = session.ask(prompt)
     if json_path is not None:
         write_json(json_path, {**session.to_dict(), "prompt": prompt, "text": result.text, "steering": result.steering,

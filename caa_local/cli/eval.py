@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from caa_local.cli import clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import any_arch_option, clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
 from caa_local.core.errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
@@ -144,11 +144,12 @@ def _behavior_of(dataset: str | None, vector: Any, where: Path) -> str:
 @click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use the first N questions.")
 @click.option("json_path", "--json", type=OUT, default=None, help="Write results as JSON.")
 @click.option("plot_path", "--plot", type=OUT, default=None, help="Write a PNG of p(match) vs multiplier.")
-@click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
+@click.option("force", "--force", is_flag=True, help="Overwrite output files.")
+@any_arch_option
 def eval_ab(vector_name: str, dataset: str | None, layer_spec: str | None, from_layer: int | None, multipliers: str,
             model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
             fmt: str, backend: str, system: str | None, positions: str, part: str | None, limit: int | None,
-            json_path: Path | None, plot_path: Path | None, force: bool) -> None:
+            json_path: Path | None, plot_path: Path | None, force: bool, any_arch: bool) -> None:
     """A/B p(answer matching behavior) under steering, per layer and multiplier.
 
     \b
@@ -187,7 +188,7 @@ def eval_ab(vector_name: str, dataset: str | None, layer_spec: str | None, from_
         else:
             engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
             vector, layers = _sweep_vector(vector, layer_spec, from_layer, vector_path, engine.n_layer)
-            result = ab_sweep(engine, vector, data.items, layers, mults, system_text, update, force, positions)
+            result = ab_sweep(engine, vector, data.items, layers, mults, system_text, update, any_arch, positions)
             model_name = engine.model_path.name
     result.info.update(model=model_name, vector=str(vector_path), **data.describe(), format=fmt,
                        system=system or "", from_layer=from_layer, seconds=round(time.perf_counter() - start, 2))
@@ -227,7 +228,8 @@ def _sweep_vector(vector: Any, layer_spec: str | None, from_layer: int | None, w
 @click.option("vector_name", "--vector", "-v", required=True, metavar="NAME|FILE", help="Vector to evaluate.")
 @click.option("dataset", "--dataset", "-d", default=None, metavar="BEHAVIOR",
               help="A paper behavior (its pos/neg system prompts and test set). Default: the vector's.")
-@click.option("layer", "--layer", type=int, default=None, help="Layer (default: the vector's recommended one).")
+@click.option("layer", "--layers", "--layer", type=int, default=None, metavar="LAYER",
+              help="Layer (default: the vector's recommended one).")
 @click.option("multipliers", "--multipliers", default="-1,0,1", show_default=True, metavar="LIST",
               help="Comma-separated multipliers.")
 @click.option("part", "--split", type=click.Choice(["test", "val", "train"]), default=None,
@@ -236,11 +238,12 @@ def _sweep_vector(vector: Any, layer_spec: str | None, from_layer: int | None, w
 @model_options
 @template_options
 @click.option("json_path", "--json", type=OUT, default=None, help="Write the table as JSON.")
-@click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
+@click.option("force", "--force", is_flag=True, help="Overwrite output files.")
+@any_arch_option
 def eval_system_prompts(vector_name: str, dataset: str | None, layer: int | None, multipliers: str,
                         part: str | None, limit: int | None, model_path: Path | None, n_ctx: int, n_threads: int,
                         n_gpu_layers: int, chat_template: str | None, fmt: str, json_path: Path | None,
-                        force: bool) -> None:
+                        force: bool, any_arch: bool) -> None:
     """The paper's table: p(match) with no / the pos / the neg system prompt x multipliers.
 
     \b
@@ -261,7 +264,7 @@ def eval_system_prompts(vector_name: str, dataset: str | None, layer: int | None
     engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
     chosen = _layers(spec, vector, vector_path, engine.n_layer)[0]
     with progress_bar(data.n * 3, "A/B", "question") as update:
-        table = system_prompt_table(engine, vector, data.name, data.items, chosen, mults, update, force)
+        table = system_prompt_table(engine, vector, data.name, data.items, chosen, mults, update, any_arch)
     table.info.update(model=engine.model_path.name, vector=str(vector_path), **data.describe())
     click.echo(f"{data.label()}, {vector_path.name} @ layer {chosen}: p(match)")
     click.echo(table.table())
@@ -320,13 +323,14 @@ def _prompts(dataset: str | None, prompts_file: Path | None) -> tuple[str, list[
 @click.option("out_path", "--out", type=OUT, default=None, help="Write one JSON line per answer.")
 @click.option("export_path", "--export", type=OUT, default=None,
               help="Write JSONL for an external judge (answers with rubric and judge prompt).")
-@click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
+@click.option("force", "--force", is_flag=True, help="Overwrite output files.")
+@any_arch_option
 def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | None, layer_spec: str | None,
                     multipliers: str, metrics: tuple[str, ...], behavior: str | None, judge_model: Path | None,
                     rubric_set: str, protocol: str | None, max_tokens: int | None, repeat_penalty: float | None,
                     limit: int | None, seed: int, perplexity: bool, model_path: Path | None,
                     n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None, fmt: str,
-                    out_path: Path | None, export_path: Path | None, force: bool) -> None:
+                    out_path: Path | None, export_path: Path | None, force: bool, any_arch: bool) -> None:
     """Greedy answers under steering, scored by judge-free metrics and optionally a judge model.
 
     \b
@@ -362,7 +366,7 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     rows: list[dict[str, Any]] = []
     with progress_bar(len(prompts) * len(mults) * len(layers), "generate", "answer") as update:
         for layer in layers:
-            rows += open_ended(engine, vector, layer, mults, prompts, max_tokens, seed, update, force,
+            rows += open_ended(engine, vector, layer, mults, prompts, max_tokens, seed, update, any_arch,
                                repeat_penalty)
     for row in rows:
         row.update({m: METRICS[m](row["answer"]) for m in dict.fromkeys([*names, "distinct_2", "repetition"])})
@@ -405,7 +409,8 @@ def _capability(name: str) -> click.Command:
 
     @click.command(name=name, help=help_text)
     @click.option("vector_name", "--vector", "-v", required=True, metavar="NAME|FILE", help="Vector to steer with.")
-    @click.option("layer", "--layer", type=int, default=None, help="Layer (default: the vector's recommended one).")
+    @click.option("layer", "--layers", "--layer", type=int, default=None, metavar="LAYER",
+                  help="Layer (default: the vector's recommended one).")
     @click.option("multipliers", "--multipliers", default=CAPABILITY_MULTIPLIERS, show_default=True,
                   metavar="LIST", help="Comma-separated multipliers.")
     @click.option("limit", "--limit", type=click.IntRange(min=1), default=None,
@@ -414,10 +419,11 @@ def _capability(name: str) -> click.Command:
     @model_options
     @template_options
     @click.option("json_path", "--json", type=OUT, default=None, help="Write results as JSON.")
-    @click.option("force", "--force", is_flag=True, help="Overwrite outputs; allow a vector for another architecture.")
+    @click.option("force", "--force", is_flag=True, help="Overwrite output files.")
+    @any_arch_option
     def command(vector_name: str, layer: int | None, multipliers: str, limit: int | None, by_category: bool,
                 model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                chat_template: str | None, fmt: str, json_path: Path | None, force: bool) -> None:
+                chat_template: str | None, fmt: str, json_path: Path | None, force: bool, any_arch: bool) -> None:
         from caa_local.core.datasets import load_capability
         from caa_local.eval.ab import capability_eval
         from caa_local.core.parsing import parse_multipliers
@@ -435,7 +441,7 @@ def _capability(name: str) -> click.Command:
             from caa_local.eval.experiments import capability_by_category
 
             with progress_bar(n, name, "question") as update:
-                result = capability_by_category(engine, name, vector, chosen, mults, limit, update, force)
+                result = capability_by_category(engine, name, vector, chosen, mults, limit, update, any_arch)
             result.info.update(model=engine.model_path.name, vector=str(vector_path))
             click.echo(f"{name} (n={result.n}, {len(result.categories)} categories), {vector_path.name} "
                        f"@ layer {chosen}: p(correct)")
@@ -446,7 +452,7 @@ def _capability(name: str) -> click.Command:
                 write_json(json_path, result.to_json(), force)
             return
         with progress_bar(n, name, "question") as update:
-            rows = capability_eval(engine, name, vector, chosen, mults, limit, update, force)
+            rows = capability_eval(engine, name, vector, chosen, mults, limit, update, any_arch)
         click.echo(f"{name} (n={n}), {vector_path.name} @ layer {chosen}")
         for row in rows:
             click.echo(f"  x{row['multiplier']:+g}: p(correct) {row['p_correct']:.3f}  "

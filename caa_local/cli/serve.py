@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from caa_local.cli import model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import any_arch_option, model_options, open_engine, warn, warn_multipliers
 from caa_local.core.errors import CaaError
 
 POSITIONS = ("response", "all")
@@ -39,11 +39,11 @@ POSITIONS = ("response", "all")
 @click.option("max_queue", "--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Requests that may wait for a slot; more get 503.")
 @click.option("open_browser", "--open", is_flag=True, help="Open the steering page in the default browser.")
-@click.option("force", "--force", is_flag=True, help="Allow --vector files made for another architecture.")
+@any_arch_option
 def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, host: str, port: int,
           slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
           positions: str, api_key: str | None, max_body: int, max_queue: int, open_browser: bool,
-          force: bool) -> None:
+          any_arch: bool) -> None:
     """Serve the model over an OpenAI-compatible API, steered per request, with a page at /.
 
     Requests may add "steering": [{"vector": "sentiment", "scale": -2, "layers": "23"}].
@@ -77,7 +77,7 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     from caa_local.serve.server import build, default_terms, run
 
     layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
-    defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=force), positions)
+    defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=any_arch), positions)
     config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
                          positions=positions, max_body_bytes=max_body, max_queue=max_queue)
     app, pool, library = build(config, engine, defaults)

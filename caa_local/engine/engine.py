@@ -236,7 +236,7 @@ class Engine:
         if vector.model_hint != self.architecture and not any_arch:
             raise ModelMismatchError(
                 f"{name}: made for a {vector.model_hint!r} model, this one is "
-                f"{self.architecture!r} (use --force if the shapes are meant to match)"
+                f"{self.architecture!r} (use --any-arch if the shapes are meant to match)"
             )
         term = _plain_term(name, vector, scale, layers)
         return SteeringTerm(term.name, term.vector, term.scale, term.layers,
