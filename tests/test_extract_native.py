@@ -108,12 +108,21 @@ def test_best_ab_layer_on_validation_is_the_same(engine: Engine, hf_model: tuple
 
     model, tokenizer, template = hf_model
     data = load_ab("enthusiasm")  # a demo behavior the default model carries (vectors/README.md)
-    train, val = split(data.items, "train")[:24], split(data.items, "val")[:8]
-    layers = list(range(2, engine.n_layer, 3))
+    train, val = split(data.items, "train")[:16], split(data.items, "val")[:6]
+    layers = list(range(2, engine.n_layer, 4))
     native = reads.extract(engine, train, layers=layers, read="answer-text")
     ref = extract(model, tokenizer, template, train, layers=layers, read="answer-text", progress=False)
     best = [best_layer(ab_sweep(engine, v, val, layers, [-1.0, 1.0])) for v in (native, ref)]
+    print(f"best A/B layer on validation (layers {layers}): native {best[0]}, torch {best[1]}")
     assert best[0] == best[1], best
+
+
+def test_quantization_names() -> None:
+    from caa_local.core.extraction import gguf_quantization, quantization_name
+    from caa_local.core.locate import default_model_path
+
+    assert (quantization_name(3), quantization_name("7"), quantization_name(15)) == ("Q4_1", "Q8_0", "Q4_K_M")
+    assert quantization_name("") == "unknown" and gguf_quantization(default_model_path()) == "Q4_1"
 
 
 # -- bad input -----------------------------------------------------------------------------------
