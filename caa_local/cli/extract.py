@@ -44,7 +44,7 @@ def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> Non
 @click.option("out", "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output GGUF (default: DATASET_NAME.gguf in the current directory).")
 @click.option("batch_size", "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Pairs per forward pass.")
+              help="Pairs per forward pass (native: pairs decoded side by side, within a 256 MiB KV cache).")
 @click.option("limit", "--limit", type=click.IntRange(min=1), default=None, help="Use at most N pairs.")
 @click.option("part", "--split", type=click.Choice(["train", "all"]), default="train", show_default=True,
               help="Which part of the data: 'train' keeps the seeded validation split held out.")
