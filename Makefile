@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 CAA := $(VENV)/bin/caa-local
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: install dev chat test vectors report bench clean
+.PHONY: install dev chat test test-fast vectors report bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ chat: install
 
 test: dev
 	$(PY) -m pytest
+
+# The tests that need no model, server or subprocess (under a minute).
+test-fast: dev
+	$(PY) -m pytest -m "not slow"
 
 vectors: dev
 	$(PY) scripts/make_vectors.py

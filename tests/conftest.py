@@ -10,6 +10,21 @@ import pytest
 from caa_local.cli import main
 
 
+# Modules whose tests load the model, start the server or a browser, or spawn the CLI: `slow`.
+# `make test-fast` runs everything else (file formats, layers, datasets, templates, contracts).
+SLOW_MODULES = frozenset({
+    "test_bench", "test_calibrate", "test_chat", "test_cli_errors", "test_cli_eval", "test_engine",
+    "test_evaluate", "test_extract", "test_extract_native", "test_interrupts", "test_metrics",
+    "test_native", "test_page", "test_paper", "test_parity", "test_serve",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "torch: needs torch and loads the default model with transformers"
@@ -55,3 +70,17 @@ def write_raw_vector(path: Path, tensors: dict[str, Any], *, arch: str = "contro
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def random_vector(n_embd: int, layers: range | list[int], norm: float, seed: int = 0) -> Any:
+    """A seeded random ControlVector with unit-norm directions scaled to ``norm`` on ``layers``."""
+    import numpy as np
+
+    from caa_local.core.vector import ControlVector
+
+    rng = np.random.default_rng(seed)
+    directions = {}
+    for layer in layers:
+        v = rng.standard_normal(n_embd)
+        directions[layer] = (v / np.linalg.norm(v) * norm).astype(np.float32)
+    return ControlVector("llama", directions, {"behavior": "random"})

@@ -11,6 +11,7 @@ import pytest
 from caa_local import ControlVector, Engine, Sampling
 from caa_local.core.errors import CaaError
 from caa_local.core.templates import user_turn
+from conftest import random_vector
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +23,6 @@ GREEDY = Sampling(temperature=0.0, max_tokens=16)
 def engine() -> Engine:
     return Engine(n_ctx=1024, n_threads=1)
 
-
-def random_vector(n_embd: int, layers: range | list[int], norm: float, seed: int = 0) -> ControlVector:
-    rng = np.random.default_rng(seed)
-    directions = {}
-    for layer in layers:
-        v = rng.standard_normal(n_embd).astype(np.float32)
-        directions[layer] = v / np.linalg.norm(v) * norm
-    return ControlVector("llama", directions)
 
 
 def test_steering_is_a_read_only_snapshot(engine: Engine) -> None:

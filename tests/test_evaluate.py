@@ -20,21 +20,13 @@ from caa_local.eval.open_ended import open_ended
 from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary, parse_score
 from caa_local.engine.scoring import Setting, choices_from_items, score_ab, score_ab_naive
 from caa_local.core.parsing import parse_multipliers
-from caa_local.core.vector import ControlVector
+from conftest import random_vector
 
 # One thread: on a CPU shared with other jobs, 2 threads on 2 cores made this file 3-4x slower
 # (ggml's threads spin on barriers, so one descheduled thread stalls every graph node).
 # CAA_TEST_THREADS=2 on an idle machine.
 THREADS = int(os.environ.get("CAA_TEST_THREADS", "1"))
 
-
-def random_vector(n_embd: int, layers: range | list[int], norm: float, seed: int = 0) -> ControlVector:
-    rng = np.random.default_rng(seed)
-    directions = {}
-    for layer in layers:
-        v = rng.standard_normal(n_embd)
-        directions[layer] = (v / np.linalg.norm(v) * norm).astype(np.float32)
-    return ControlVector("llama", directions, {"behavior": "random"})
 
 
 def is_png(path: Path) -> bool:

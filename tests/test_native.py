@@ -9,6 +9,7 @@ from caa_local import ControlVector, Engine, Sampling
 from caa_local.engine.engine import ContextFullError
 from caa_local.engine.scoring import Choice, Setting, score_ab, score_ab_naive
 from caa_local.core.templates import user_turn
+from conftest import random_vector
 
 MESSAGES = user_turn("Name three colours of the rainbow.")
 
@@ -17,14 +18,6 @@ MESSAGES = user_turn("Name three colours of the rainbow.")
 def engine() -> Engine:
     return Engine(n_ctx=1024, n_threads=2)
 
-
-def random_vector(n_embd: int, layers: range, norm: float, seed: int = 0) -> ControlVector:
-    rng = np.random.default_rng(seed)
-    directions = {}
-    for layer in layers:
-        v = rng.standard_normal(n_embd).astype(np.float32)
-        directions[layer] = v / np.linalg.norm(v) * norm
-    return ControlVector("llama", directions)
 
 
 def test_model_facts(engine: Engine) -> None:
