@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from caa_local.core.datasets import ABItem
-from caa_local.core.errors import CaaError, LayerRangeError, ModelLoadError, ModelMismatchError
+from caa_local.core.errors import CaaError, LayerRangeError, ModelLoadError
 from caa_local.torch.extract import (
     MeanDifference,
     _encode,
@@ -223,7 +223,7 @@ def test_steer_shifts_only_block_l_from_position(hf_model: tuple[Any, Any, Any])
         with steer(model, vector, mult, [layer], from_position=start):
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     torch.testing.assert_close(hidden[hidden_state_index(layer)].float(), steered[layer])
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(LayerRangeError):
         with steer(model, vector, 1.0, [11]):
             pass
 
