@@ -51,6 +51,20 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, out.out, out.err
 
 
+def one_error(code: int, err: str) -> str:
+    """The single `Error: ...` line of a failed command (exit 1, no traceback)."""
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    return lines[0]
+
+
+def is_png(path: Path) -> bool:
+    from caa_local.eval.plots import PNG_MAGIC
+
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
 def write_raw_vector(path: Path, tensors: dict[str, Any], *, arch: str = "controlvector",
                      hint: str | None = "llama", layer_count: int | None = None,
                      layer_count_type: str = "uint32", endianess: Any = None) -> Path:

@@ -10,25 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local.eval.plots import PNG_MAGIC
 from caa_local.core.vector import ControlVector
-from conftest import run_cli
+from conftest import is_png, one_error, run_cli
 
 THREADS = ["--threads", os.environ.get("CAA_TEST_THREADS", "1")]  # see test_evaluate.py
 CONTRACT = {"model", "vector", "dataset", "backend", "results"}
 ROW = {"layer", "multiplier", "p_match", "n"}
 
 
-def one_error(code: int, err: str) -> str:
-    assert code == 1
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), err
-    return lines[0]
-
-
-def is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.fixture(scope="module")

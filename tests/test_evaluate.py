@@ -20,7 +20,7 @@ from caa_local.eval.open_ended import open_ended
 from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary, parse_score
 from caa_local.engine.scoring import Setting, choices_from_items, score_ab, score_ab_naive
 from caa_local.core.parsing import parse_multipliers
-from conftest import random_vector
+from conftest import is_png, random_vector
 
 # One thread: on a CPU shared with other jobs, 2 threads on 2 cores made this file 3-4x slower
 # (ggml's threads spin on barriers, so one descheduled thread stalls every graph node).
@@ -28,9 +28,6 @@ from conftest import random_vector
 THREADS = int(os.environ.get("CAA_TEST_THREADS", "1"))
 
 
-
-def is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == plots.PNG_MAGIC
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,12 @@ import pytest
 from caa_local.core.datasets import load_protocol
 from caa_local.core.vector import ControlVector
 from caa_local.eval.paper import expected_files
-from caa_local.eval.plots import PNG_MAGIC
-from conftest import run_cli
+from conftest import is_png, one_error, run_cli
 
 THREADS = ["--threads", os.environ.get("CAA_TEST_THREADS", "1")]
 pytestmark = pytest.mark.slow
 
 
-def one_error(code: int, err: str) -> str:
-    assert code == 1 and "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), err
-    return lines[0]
-
-
-def is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.fixture(scope="module")
