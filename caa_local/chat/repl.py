@@ -29,22 +29,6 @@ from caa_local.core.templates import Message, drop_oldest_exchange
 
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
 PROMPT = "> "
-HELP = """\
-Commands:
-  /help                              this list
-  /vectors                           active and shipped vectors
-  /steer NAME|FILE [SCALE] [LAYERS]  add or change a steering vector
-  /unsteer [NAME]                    remove one vector, or all
-  /layers [NAME] SPEC                move vectors to layers, e.g. 12, 10-14 or all
-  /scale NAME X                      change a multiplier (applies from the next token)
-  /compare [PROMPT]                  answer unsteered, then steered, with the same seed
-  /system [TEXT]                     show or set the system message
-  /reset                             start a new conversation
-  /params [key=value ...]            show or set temperature, top_p, max_tokens, seed, ...
-  /save FILE [--force]               write the transcript as JSON
-  /quit                              exit (or Ctrl-D)"""
-
-
 def _echo(text: str) -> None:
     click.echo(text, nl=False)  # click.echo flushes
 
@@ -165,14 +149,17 @@ class ChatSession:
 
     # -- commands ---------------------------------------------------------------------------
     def cmd_help(self, rest: str) -> None:
-        self.say(HELP)
+        """/help  --  this list"""
+        self.say(help_text())
 
     def cmd_quit(self, rest: str) -> None:
+        """/quit  --  exit (or Ctrl-D)"""
         self.finished = True
 
     cmd_exit = cmd_quit
 
     def cmd_vectors(self, rest: str) -> None:
+        """/vectors  --  active and shipped vectors"""
         terms = self.engine.steering.terms
         self.say("active:" + ("" if terms else " none"))
         for term in terms:
@@ -181,6 +168,7 @@ class ChatSession:
         self.say("shipped: " + (", ".join(shipped_vector_names()) or "none"))
 
     def cmd_steer(self, rest: str) -> None:
+        """/steer NAME|FILE [SCALE] [LAYERS]  --  add or change a steering vector"""
         args = self._args(rest, "/steer NAME|FILE [SCALE] [LAYERS]", 1, 3)
         target, scale = split_vector_spec(args[0])
         if len(args) > 1:
@@ -196,6 +184,7 @@ class ChatSession:
             self.say(warning)
 
     def cmd_unsteer(self, rest: str) -> None:
+        """/unsteer [NAME]  --  remove one vector, or all"""
         args = self._args(rest, "/unsteer [NAME]", 0, 1)
         self.engine.unsteer(args[0] if args else None)
         self.say(f"removed {args[0]}; {self.status()}" if args else "steering off")
@@ -208,6 +197,7 @@ class ChatSession:
         return term
 
     def cmd_scale(self, rest: str) -> None:
+        """/scale NAME X  --  change a multiplier (applies from the next token)"""
         name, value = self._args(rest, "/scale NAME X", 2, 2)
         scale = parse_scale(value, "/scale")
         term = self._term(name)
@@ -219,6 +209,7 @@ class ChatSession:
             self.say(warning)
 
     def cmd_layers(self, rest: str) -> None:
+        """/layers [NAME] SPEC  --  move vectors to layers, e.g. 12, 10-14 or all"""
         args = self._args(rest, "/layers [NAME] SPEC", 1, 2)
         terms = [self._term(args[0])] if len(args) == 2 else self.engine.steering.terms
         if not terms:
@@ -229,6 +220,7 @@ class ChatSession:
         self.say(f"steering: {self.engine.steering.describe()}")
 
     def cmd_compare(self, rest: str) -> None:
+        """/compare [PROMPT]  --  answer unsteered, then steered, with the same seed"""
         if rest:
             prompt, messages = rest, [*self.messages, Message(role="user", content=rest)]
         else:
@@ -252,6 +244,7 @@ class ChatSession:
         })
 
     def cmd_system(self, rest: str) -> None:
+        """/system [TEXT]  --  show or set the system message"""
         has_system = bool(self.messages) and self.messages[0]["role"] == "system"
         if not rest:
             self.say(f"system: {self.messages[0]['content'] if has_system else '(none)'}")
@@ -264,6 +257,7 @@ class ChatSession:
         self.say("system message set")
 
     def cmd_reset(self, rest: str) -> None:
+        """/reset  --  start a new conversation"""
         system = [m for m in self.messages[:1] if m["role"] == "system"]
         self.messages = system
         self.transcript = [t for t in self.transcript[:1] if t["role"] == "system"] if system else []
@@ -271,6 +265,7 @@ class ChatSession:
         self.say("conversation reset" + (" (system message kept)" if system else ""))
 
     def cmd_params(self, rest: str) -> None:
+        """/params [key=value ...]  --  show or set temperature, top_p, max_tokens, seed, ..."""
         updates: dict[str, object] = {}
         for item in self._args(rest, "/params [key=value ...]", 0, len(PARAMS)):
             key, sep, value = item.partition("=")
@@ -281,6 +276,7 @@ class ChatSession:
         self.say(" ".join(f"{k}={getattr(self.sampling, k):g}" for k in PARAMS))
 
     def cmd_save(self, rest: str) -> None:
+        """/save FILE [--force]  --  write the transcript as JSON"""
         args = self._args(rest, "/save FILE [--force]", 1, 2)
         force = "--force" in args
         files = [a for a in args if a != "--force"]
@@ -294,3 +290,12 @@ class ChatSession:
         return {"model": self.engine.model_name, "model_path": str(self.engine.model_path),
                 "positions": self.positions, "turns": self.transcript,
                 "comparisons": self.comparisons}
+
+
+def help_text() -> str:
+    """The REPL's command list, from the cmd_* methods' docstrings (/quit last)."""
+    commands = list(dict.fromkeys(getattr(ChatSession, name) for name in vars(ChatSession) if name.startswith("cmd_")))
+    commands.sort(key=lambda cmd: cmd.__name__ == "cmd_quit")
+    rows = [(cmd.__doc__ or "").split("  --  ", 1) for cmd in commands]
+    width = max(len(usage) for usage, _ in rows) + 2
+    return "Commands:\n" + "\n".join(f"  {usage:<{width}}{what}" for usage, what in rows)

@@ -155,9 +155,9 @@ def _preload_prompt_toolkit() -> threading.Thread:
 
 def repl(session: Any) -> None:
     """Read lines until /quit or Ctrl-D; Ctrl-C clears the line or stops an answer."""
-    from caa_local.chat.repl import HELP, PROMPT
+    from caa_local.chat.repl import PROMPT, help_text
 
-    session.say(HELP)
+    session.say(help_text())
     read = _line_reader()
     while not session.finished:
         session.say(session.status())
