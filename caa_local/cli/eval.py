@@ -47,10 +47,15 @@ def _outputs(force: bool, *paths: Path | None) -> None:
             check_writable(path, force)
 
 
-def _vector(name: str) -> tuple[Path, Any]:
+def _sweep_inputs(multipliers: str, vector_name: str, force: bool, *outputs: Path | None) -> tuple[list[float], Path, Any]:
+    """(multipliers, vector path, vector) of a steered evaluation, every output checked writable."""
     from caa_local.core.locate import load_vector
+    from caa_local.core.parsing import parse_multipliers
 
-    return load_vector(name)
+    mults = parse_multipliers(multipliers)
+    warn_multipliers(mults)
+    _outputs(force, *outputs)
+    return (mults, *load_vector(vector_name))
 
 
 def _layers(spec: str | None, vector: Any, where: Path, n_layer: int | None) -> list[int]:
@@ -159,14 +164,10 @@ def eval_ab(vector_name: str, dataset: str | None, layer_spec: str | None, from_
         caa-local eval ab --vector sycophancy --from-layer 13 --layers all --multipliers -1,1
     """
     from caa_local.core.datasets import eval_set
-    from caa_local.core.parsing import parse_multipliers
     from caa_local.eval.ab import ab_sweep, ab_sweep_torch
     from caa_local.eval.system_prompts import resolve_system
 
-    mults = parse_multipliers(multipliers)
-    warn_multipliers(mults)
-    _outputs(force, json_path, plot_path)
-    vector_path, vector = _vector(vector_name)
+    mults, vector_path, vector = _sweep_inputs(multipliers, vector_name, force, json_path, plot_path)
     if from_layer is not None and layer_spec is None:
         raise CaaError("--from-layer needs --layers (the layers to apply it at, e.g. all)")
     if from_layer is None:
@@ -251,13 +252,9 @@ def eval_system_prompts(vector_name: str, dataset: str | None, layer: int | None
         caa-local eval system-prompts --vector sycophancy --multipliers -1,0,1
     """
     from caa_local.core.datasets import eval_set
-    from caa_local.core.parsing import parse_multipliers
     from caa_local.eval.system_prompts import system_prompt_table
 
-    mults = parse_multipliers(multipliers)
-    warn_multipliers(mults)
-    _outputs(force, json_path)
-    vector_path, vector = _vector(vector_name)
+    mults, vector_path, vector = _sweep_inputs(multipliers, vector_name, force, json_path)
     spec = None if layer is None else str(layer)
     _layers(spec, vector, vector_path, None)
     data = eval_set(_behavior_of(dataset, vector, vector_path), part, limit)
@@ -341,16 +338,12 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     from caa_local.eval.open_ended import open_ended
     from caa_local.eval.formats import PROTOCOLS, default_protocol
     from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary
-    from caa_local.core.parsing import parse_multipliers
     from caa_local.core.templates import user_turn
 
-    mults = parse_multipliers(multipliers)
-    warn_multipliers(mults)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise CaaError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
-    _outputs(force, out_path, export_path)
-    vector_path, vector = _vector(vector_name)
+    mults, vector_path, vector = _sweep_inputs(multipliers, vector_name, force, out_path, export_path)
     _layers(layer_spec, vector, vector_path, None)
     name, prompts = _prompts(dataset, prompts_file)
     prompts = prompts[: limit or None]
@@ -426,12 +419,8 @@ def _capability(name: str) -> click.Command:
                 chat_template: str | None, fmt: str, json_path: Path | None, force: bool, any_arch: bool) -> None:
         from caa_local.core.datasets import load_capability
         from caa_local.eval.ab import capability_eval
-        from caa_local.core.parsing import parse_multipliers
 
-        mults = parse_multipliers(multipliers)
-        warn_multipliers(mults)
-        _outputs(force, json_path)
-        vector_path, vector = _vector(vector_name)
+        mults, vector_path, vector = _sweep_inputs(multipliers, vector_name, force, json_path)
         spec = None if layer is None else str(layer)
         _layers(spec, vector, vector_path, None)
         n = len(load_capability(name)[: limit or None])
