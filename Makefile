@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CAA := $(VENV)/bin/caa-local
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+# llama.cpp's RPC backend (caa-local rpc-worker, --rpc) is built into the one cached llama-cpp-python wheel.
+export CMAKE_ARGS ?= -DGGML_RPC=ON
 
 .PHONY: install dev chat test test-fast vectors report bench clean
 

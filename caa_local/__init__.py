@@ -1,6 +1,7 @@
 """caa-local: Contrastive Activation Addition steering on llama.cpp.
 
-Public API: ``ControlVector`` (vector files), ``Engine`` (a model with live steering).
+Public API: ``ControlVector`` (vector files), ``Model`` (a loaded GGUF) and ``Engine`` (a
+context on it with live steering; ``Engine(path)`` loads the model and opens one context).
 Nothing here imports torch; extraction lives in ``caa_local.torch.extract`` (the ``extract`` extra).
 """
 
@@ -9,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["ControlVector", "Engine", "Sampling", "__version__"]
+__all__ = ["ControlVector", "Engine", "Model", "Sampling", "__version__"]
 
 if TYPE_CHECKING:
-    from caa_local.engine.engine import Engine, Sampling
+    from caa_local.engine.engine import Engine, Model, Sampling
     from caa_local.core.vector import ControlVector
 
 
@@ -22,7 +23,7 @@ def __getattr__(name: str) -> object:
         from caa_local.core.vector import ControlVector
 
         return ControlVector
-    if name in ("Engine", "Sampling"):
+    if name in ("Engine", "Model", "Sampling"):
         from caa_local.engine import engine
 
         return getattr(engine, name)

@@ -1,22 +1,24 @@
-"""Engine: a loaded GGUF model in the native extension, with live steering and chat templates.
+"""Model and Engine: a loaded GGUF in the native extension, and contexts on it with live steering.
 
 The public scripting API::
 
-    from caa_local import Engine, ControlVector
-    engine = Engine()                                   # the default model
+    from caa_local import ControlVector, Engine, Model
+    engine = Engine()                                   # the default model, one context
     engine.steer("sentiment", ControlVector.load("vectors/sentiment.gguf"), 4.0)
     print(engine.generate([{"role": "user", "content": "How was your day?"}]).text)
+
+    model = Model("m.gguf")                             # weights loaded once ...
+    a, b = model.context(n_ctx=2048), model.context()   # ... several contexts on them
 
 Steering follows the paper's position mask: every token before the end of the user's
 instruction is decoded unsteered, the instruction's last token and everything after it
 steered (``positions="all"`` steers every token, as llama.cpp's own CLI does). Positions are
 chosen per call.
 
-The Engine is the only door to steering: ``steer``, ``unsteer``, ``set_steering`` and the
-scoped ``steered()``/``unsteered()``; ``engine.steering`` is a read-only snapshot. One loaded
-model serves several contexts: ``engine.new_context()`` gives another Engine on the same
-weights with its own KV cache and steering, usable from another thread (the native decode
-loops release the GIL).
+An Engine (one llama.cpp context: KV cache, steering, decode) is the only door to steering:
+``steer``, ``unsteer``, ``set_steering`` and the scoped ``steered()``/``unsteered()``;
+``engine.steering`` is a read-only snapshot. Contexts of one Model are independent and can
+decode from different threads at once (the native decode loops release the GIL).
 """
 
 from __future__ import annotations
@@ -83,25 +85,33 @@ def check_positions(positions: str) -> str:
     return positions
 
 
-class _LoadedModel:
-    """What every context on one model file shares: the weights, template and facts."""
+def check_sizes(n_ctx: int, n_threads: int) -> None:
+    if n_ctx < 16:
+        raise CaaError(f"context size must be at least 16 tokens, got {n_ctx}")
+    if n_threads < 0:
+        raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
 
-    def __init__(self, path: Path, n_gpu_layers: int) -> None:
-        self.path = path
+
+class Model:
+    """A loaded GGUF: the weights, tokenizer, chat template and facts, shared by every context
+    made on it (``model.context()``); load it once, open as many contexts as memory allows."""
+
+    def __init__(self, path: str | Path | None = None, n_gpu_layers: int = 0) -> None:
+        self.path = resolve_gguf(path)
         try:
-            self.native = _native.Model(str(path), n_gpu_layers)
+            self.native = _native.Model(str(self.path), n_gpu_layers)
         except (ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"{path}: {err}") from None
+            raise ModelLoadError(f"{self.path}: {err}") from None
         self.n_embd: int = self.native.n_embd
         self.n_layer: int = self.native.n_layer
         self.n_vocab: int = self.native.n_vocab
         self.architecture: str = self.native.meta("general.architecture")
-        self.name: str = self.native.meta("general.name") or path.stem
+        self.name: str = self.native.meta("general.name") or self.path.stem
         self.template = ChatTemplate(self.native.meta("tokenizer.chat_template") or CHATML,
                                      self._special("tokenizer.ggml.bos_token_id"),
                                      self._special("tokenizer.ggml.eos_token_id"))
-        self.cvec_checked = False
-        self.lock = threading.Lock()
+        self._steerable = False
+        self._lock = threading.Lock()
 
     def _special(self, key: str) -> str:
         value = self.native.meta(key)
@@ -109,47 +119,81 @@ class _LoadedModel:
             return ""
         return self.native.token_to_piece(int(value), True).decode("utf-8", "replace")
 
+    def context(self, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 512) -> Engine:
+        """A new context (KV cache, steering, decode) on these weights; safe to use from
+        another thread (the native decode loops release the GIL)."""
+        return Engine(self, n_ctx, n_threads, n_batch=n_batch)
+
+    def meta(self, key: str) -> str:
+        """The GGUF metadata value for ``key`` as a string, '' when absent."""
+        return self.native.meta(key)
+
+    def tokenize(self, text: str) -> list[int]:
+        # Templates render BOS themselves, as transformers' apply_chat_template does.
+        return self.native.tokenize(text, False, True)
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Text of ``tokens``; ``special`` renders control tokens (e.g. <|im_start|>) too."""
+        return self.native.detokenize(list(tokens), special)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.native.is_eog(token))
+
+    def require_steerable(self) -> None:
+        """Refuse an architecture that builds no control-vector op (llama.cpp would silently
+        ignore every vector); probed once per model."""
+        with self._lock:
+            if self._steerable:
+                return
+            probe_session = _native.Session(self.native, 64, 0, 64)
+            probe = np.zeros((self.n_layer - 1, self.n_embd), np.float32)
+            probe[:] = np.random.default_rng(0).standard_normal(self.n_embd).astype(np.float32) * 50
+            tokens = self.tokenize("Hello")[:4] or [0]
+            before = probe_session.logits_after(tokens, len(tokens))
+            probe_session.set_steering(probe, 1, self.n_layer - 1)
+            after = probe_session.logits_after(tokens, 0)
+            if np.array_equal(before, after):
+                raise ModelMismatchError(
+                    f"{self.path.name}: architecture {self.architecture!r} ignores control "
+                    "vectors in llama.cpp; steering it would silently do nothing"
+                )
+            self._steerable = True
+
 
 class Engine:
     """One context on a loaded model; steering can change between any two tokens."""
 
     def __init__(
         self,
-        model: str | Path | None = None,
+        model: str | Path | Model | None = None,
         n_ctx: int = 4096,
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
     ) -> None:
-        self._check_sizes(n_ctx, n_threads)
-        self._open(_LoadedModel(resolve_gguf(model), n_gpu_layers), n_ctx, n_threads, n_batch)
-
-    @staticmethod
-    def _check_sizes(n_ctx: int, n_threads: int) -> None:
-        if n_ctx < 16:
-            raise CaaError(f"context size must be at least 16 tokens, got {n_ctx}")
-        if n_threads < 0:
-            raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
-
-    def _open(self, loaded: _LoadedModel, n_ctx: int, n_threads: int, n_batch: int) -> None:
-        self._model = loaded
+        """A context on ``model``: a loaded ``Model`` (shared, no second load), or a GGUF path
+        or name to load (None: the default model)."""
+        check_sizes(n_ctx, n_threads)
+        self._model = model if isinstance(model, Model) else Model(model, n_gpu_layers)
         try:
-            self._session = _native.Session(loaded.native, n_ctx, n_threads, n_batch)
+            self._session = _native.Session(self._model.native, n_ctx, n_threads, n_batch)
         except (ValueError, RuntimeError) as err:
-            raise ModelLoadError(f"{loaded.path}: {err}") from None
+            raise ModelLoadError(f"{self._model.path}: {err}") from None
         self._steering = Steering()
         self._template: ChatTemplate | None = None  # this context's choice (--chat-template, --format base)
         self._n_threads_asked = n_threads
         self._n_batch = n_batch
 
+    @property
+    def model(self) -> Model:
+        """The loaded weights this context runs on (shared by every context made from it)."""
+        return self._model
+
     def new_context(self, n_ctx: int | None = None) -> Engine:
-        """Another Engine on the same loaded model (no second load), with its own KV cache and
-        steering (none); safe to use from another thread."""
-        n_ctx = self.n_ctx if n_ctx is None else n_ctx
-        self._check_sizes(n_ctx, self._n_threads_asked)
-        other = Engine.__new__(Engine)
-        other._open(self._model, n_ctx, self._n_threads_asked, self._n_batch)
-        return other
+        """Another context on the same loaded model (alias of ``model.context``), with this
+        one's threads and batch size, its own KV cache and no steering."""
+        return Engine(self._model, self.n_ctx if n_ctx is None else n_ctx, self._n_threads_asked,
+                      n_batch=self._n_batch)
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -196,19 +240,18 @@ class Engine:
 
     def meta(self, key: str) -> str:
         """The model's GGUF metadata value for ``key`` as a string, '' when absent."""
-        return self._model.native.meta(key)
+        return self._model.meta(key)
 
     # -- text -------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
-        # Templates render BOS themselves, as transformers' apply_chat_template does.
-        return self._model.native.tokenize(text, False, True)
+        return self._model.tokenize(text)
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
         """Text of ``tokens``; ``special`` renders control tokens (e.g. <|im_start|>) too."""
-        return self._model.native.detokenize(list(tokens), special)
+        return self._model.detokenize(tokens, special)
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._model.native.is_eog(token))
+        return self._model.is_eog(token)
 
     def prompt(self, messages: Sequence[Message], suffix: str = "",
                positions: str = "response") -> tuple[list[int], int]:
@@ -282,29 +325,13 @@ class Engine:
         if packed is None:
             self._session.clear_steering()
         else:
-            self._check_architecture_steers()
+            self.require_steerable()
             self._session.set_steering(*packed)
         self._steering = steering
 
-    def _check_architecture_steers(self) -> None:
-        """Some architectures build no control-vector op and ignore vectors: refuse them."""
-        loaded = self._model
-        with loaded.lock:
-            if loaded.cvec_checked:
-                return
-            probe_session = _native.Session(loaded.native, 64, self._n_threads_asked, 64)
-            probe = np.zeros((self.n_layer - 1, self.n_embd), np.float32)
-            probe[:] = np.random.default_rng(0).standard_normal(self.n_embd).astype(np.float32) * 50
-            tokens = self.tokenize("Hello")[:4] or [0]
-            before = probe_session.logits_after(tokens, len(tokens))
-            probe_session.set_steering(probe, 1, self.n_layer - 1)
-            after = probe_session.logits_after(tokens, 0)
-            if np.array_equal(before, after):
-                raise ModelMismatchError(
-                    f"{self.model_path.name}: architecture {self.architecture!r} ignores control "
-                    "vectors in llama.cpp; steering it would silently do nothing"
-                )
-            loaded.cvec_checked = True
+    def require_steerable(self) -> None:
+        """Refuse a model whose architecture ignores control vectors (see ``Model``)."""
+        self._model.require_steerable()
 
     # -- generation -------------------------------------------------------------------------
     def _feed(self, tokens: list[int], steer_from: int, headroom: int,
@@ -346,11 +373,28 @@ class Engine:
         Ctrl-C stops the answer: the result then has stop_reason 'interrupted' and keeps the
         text generated so far (the caller decides whether to keep it).
         """
+        tokens, steer_from = self.prompt(messages, suffix, positions)
+        return self.generate_tokens(tokens, steer_from, sampling, on_piece, should_stop)
+
+    def generate_tokens(
+        self,
+        tokens: Sequence[int],
+        steer_from: int,
+        sampling: Sampling = Sampling(),
+        on_piece: Callable[[str], bool | None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """``generate`` from a prompt already rendered and tokenized (``prompt()``): positions
+        before ``steer_from`` are decoded unsteered, the rest with the current steering."""
         if sampling.max_tokens < 1:
             raise CaaError(f"max tokens must be at least 1, got {sampling.max_tokens}")
+        if not tokens:
+            raise CaaError("the prompt is empty")
+        if not 0 <= steer_from <= len(tokens):
+            raise CaaError(f"steer_from {steer_from} is outside the prompt of {len(tokens)} tokens")
+        tokens = list(tokens)
         session = self._session
         max_tokens = min(sampling.max_tokens, session.n_ctx)  # the context bounds any answer
-        tokens, steer_from = self.prompt(messages, suffix, positions)
         steering = self._steering.to_dict()
         start = time.perf_counter()
         reused, stopped = self._feed(tokens, steer_from, min(max_tokens, 16), should_stop)

@@ -86,7 +86,7 @@ def read_pairs(engine: Engine, pairs: Sequence[Pair], layers: Sequence[int], bat
 
 def _prepare(engine: Engine, items: Sequence[ABItem], layers: Sequence[int] | None, read: str) -> tuple[list[int], list[Pair]]:
     chosen = check_request(items, layers, read, engine.n_layer)
-    engine._check_architecture_steers()  # a vector for an architecture that ignores vectors is useless
+    engine.require_steerable()  # a vector for an architecture that ignores vectors is useless
     return chosen, encode_pairs(engine.tokenize, engine.template, items, read)
 
 

@@ -190,7 +190,7 @@ def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: SettingLi
     check_positions(positions)
     buffer = _packed(engine, [setting])[0]
     # A context of its own: the engine's steering and KV cache stay as they are.
-    session = _native.Session(engine._model.native, 64, engine.n_threads, 64)
+    session = _native.Session(engine.model.native, 64, engine.n_threads, 64)
     if buffer is not None:
         session.set_steering(*buffer)
     logp = np.zeros((len(choices), 2))
