@@ -49,7 +49,9 @@ def run(config: ServeConfig, app: Any, pool: SlotPool, say: Callable[[str], None
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=2))
+                                           access_log=False, timeout_graceful_shutdown=2,
+                                           limit_concurrency=config.max_connections,
+                                           timeout_keep_alive=config.keep_alive))
 
     def announce() -> None:
         while not server.started:
