@@ -227,7 +227,12 @@ def request_bodies() -> Any:
             "steering": st.lists(item, max_size=2), "steering_positions": st.sampled_from(["response", "all"]),
             "model": text, "user": text,
         })
-    wrong = st.one_of(anything, st.integers(-(10**30), 10**30), st.floats(), st.text(max_size=300),
+    hostile = st.one_of(
+        st.sampled_from(["\ud800", "a\udfffb", "\x00", "1-3000000", "0-999999999999"]),  # lone surrogates, ...
+        st.integers(4400, 6000).map(lambda n: "1-" + "9" * n),  # digits past Python's int limit
+        st.integers(300, 3000).map(lambda n: "m" * n),  # past the name limits
+        st.integers(10**40, 10**200))
+    wrong = st.one_of(anything, hostile, st.integers(-(10**30), 10**30), st.floats(), st.text(max_size=300),
                       st.from_regex(r"[0-9]{1,9}(-[0-9]{1,9})?(,[0-9]{1,3}){0,3}", fullmatch=True),
                       st.lists(anything, max_size=5))
     fields = st.sampled_from(["messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
@@ -258,8 +263,11 @@ def raw_bodies() -> Any:
     from hypothesis import strategies as st
 
     dumped = request_bodies().map(lambda body: json.dumps(body).encode())
+    nested = st.integers(500, 100_000).map(lambda n: b'{"messages": ' + b"[" * n + b"]" * n + b"}")
+    digits = st.integers(4400, 20_000).map(lambda n: b'{"messages": [{"role": "user", "content": "Hi"}], '
+                                           b'"max_tokens": ' + b"7" * n + b"}")
     return st.one_of(dumped, dumped, dumped, dumped, dumped.map(lambda raw: raw[: len(raw) // 2]),
-                     st.binary(max_size=64))
+                     st.binary(max_size=64), nested, digits)
 
 
 def check_answer(response: httpx.Response, streamed: bool) -> None:
@@ -493,14 +501,15 @@ def test_a_client_that_never_reads_holds_no_slot(server: ServerProcess) -> None:
     waits in buffers), and the connection is dropped after the write deadline."""
     wait_idle(server)
     body = json.dumps({"messages": [{"role": "user", "content": "Write a long story about a ship."}],
-                       "max_tokens": 400, "temperature": 0.8, "seed": 3, "stream": True, "steering": [],
+                       "max_tokens": 300, "temperature": 0.8, "seed": 3, "stream": True, "steering": [],
                        "model": "m" * 256}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     try:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(request)
         for _ in range(100):
             if server.health()["slots_idle"] == 0:
                 break
