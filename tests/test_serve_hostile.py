@@ -496,6 +496,21 @@ def test_a_body_that_trickles_in_is_cut_at_the_deadline(server: ServerProcess) -
     assert server.health()["status"] == "ok"
 
 
+@pytest.mark.parametrize("flood", ["header", "url"])
+def test_a_request_line_or_headers_without_end_are_cut(server: ServerProcess, flood: str) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: " if flood == "header" else b"GET /health?q="
+        try:
+            sock.sendall(head)
+            for _ in range(256):  # 16 MiB, never a line end
+                sock.sendall(b"a" * 65536)
+        except OSError:
+            pass  # the server answered and closed
+        reply = read_response(sock, 30)
+    assert reply.startswith(b"HTTP/1.1 4"), reply[:200]
+    assert server.health()["status"] == "ok"
+
+
 def test_a_client_that_never_reads_holds_no_slot(server: ServerProcess) -> None:
     """A stream whose client never reads: the slot comes back when the generation ends (the answer
     waits in buffers), and the connection is dropped after the write deadline."""

@@ -50,6 +50,9 @@ def run(config: ServeConfig, app: Any, pool: SlotPool, say: Callable[[str], None
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=2,
+                                           # h11 caps a request's line and headers (16 KiB); uvicorn's
+                                           # httptools protocol buffers them without a bound.
+                                           http="h11", h11_max_incomplete_event_size=16 * 1024,
                                            limit_concurrency=config.max_connections,
                                            timeout_keep_alive=config.keep_alive))
 
