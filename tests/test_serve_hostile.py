@@ -511,6 +511,28 @@ def test_a_request_line_or_headers_without_end_are_cut(server: ServerProcess, fl
     assert server.health()["status"] == "ok"
 
 
+def test_a_head_that_trickles_in_is_cut_at_the_deadline(server: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        start = time.monotonic()
+        closed = False
+        while time.monotonic() - start < 6 * DEADLINE:
+            try:
+                sock.sendall(b"X")  # one header byte every 0.2 s: never a whole head
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.2)
+            try:
+                if sock.recv(1024) == b"":
+                    closed = True
+                    break
+            except (TimeoutError, socket.timeout):
+                pass
+    assert closed, "the server kept a connection whose head never ended"
+    assert server.health()["status"] == "ok"
+
+
 def test_a_client_that_never_reads_holds_no_slot(server: ServerProcess) -> None:
     """A stream whose client never reads: the slot comes back when the generation ends (the answer
     waits in buffers), and the connection is dropped after the write deadline."""
