@@ -589,3 +589,14 @@ def test_max_queue_zero_means_no_waiting_line_and_connections_are_capped() -> No
                 break
             time.sleep(0.1)
         assert post(proc, body).status_code == 200
+
+
+def test_a_bad_allow_origin_is_one_error_line() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "caa_local.cli", "serve", "--allow-origin", "evil.example/x",
+                             "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: --allow-origin 'evil.example/x': expected scheme://host[:port] (e.g. http://localhost:3000) or '*'"]

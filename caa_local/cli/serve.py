@@ -11,7 +11,7 @@ import click
 
 from caa_local.cli import any_arch_option, load_vector_specs, model_options, open_engine, warn, warn_multipliers
 from caa_local.core.errors import CaaError
-from caa_local.serve.config import LOOPBACK
+from caa_local.serve.config import LOOPBACK, host_name
 
 POSITIONS = ("response", "all")
 
@@ -65,8 +65,8 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     \b
     Example:
       caa-local serve --slots 2 --vector sentiment:2 --open
-      curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
-        "steering": [{"vector": "sentiment", "scale": -2}]}'
+      curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi"}], "steering": [{"vector": "sentiment", "scale": -2}]}'
     """
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
@@ -94,7 +94,7 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=any_arch), positions)
     config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
                          positions=positions, max_body_bytes=max_body, max_queue=max_queue,
-                         allow_origins=origins, allow_hosts=tuple(h.strip().lower() for h in allow_hosts),
+                         allow_origins=origins, allow_hosts=tuple(host_name(h) for h in allow_hosts),
                          max_connections=max_connections, body_timeout=body_timeout,
                          write_timeout=body_timeout)
     app, pool, library = build(config, engine, defaults)
