@@ -236,8 +236,9 @@ def test_a_place_no_stream_took_over_is_given_back() -> None:
 @pytest.mark.parametrize(("body", "code", "param"), [
     (b"[" * 100_000 + b"]" * 100_000, "too_deep", None),
     (b'{"a":' * 40 + b"1" + b"}" * 40, "too_deep", None),
-    (b'{"max_tokens": ' + b"9" * 5000 + b"}", "number_too_long", None),
-    (b'{"temperature": 0.' + b"1" * 5000 + b"}", "number_too_long", None),
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", "number_too_long", "max_tokens"),
+    (b'{"temperature": 0.' + b"1" * 5000 + b"}", "number_too_long", "temperature"),
+    (b"[" + b"1" * 60 + b"]", "number_too_long", None),
     (b'{"messages": [{"role": "user", "content": "a\\\\ud800b"}]}', None, None),  # an escaped backslash: fine
     (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "invalid_text", "messages[0].content"),
     (b'{"x\\udfff": 1}', "invalid_text", None),

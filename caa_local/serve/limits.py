@@ -28,13 +28,29 @@ Path = Union[tuple[Any, Union[str, int]], None]  # a node's (parent path, key or
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+class _NumberTooLong(Exception):
+    pass
+
+
 def _number(kind: type) -> Any:
     def parse(text: str) -> Any:
         if len(text) > MAX_NUMBER_CHARS:
-            raise ApiError(f"request body: a number of {len(text)} characters; numbers may have at most "
-                           f"{MAX_NUMBER_CHARS}", "invalid_request", None, "number_too_long")
+            raise _NumberTooLong(len(text))
         return kind(text)
     return parse
+
+
+_LONG_NUMBER = re.compile(r"-?[0-9][0-9.eE+-]{%d,}" % MAX_NUMBER_CHARS)
+_LAST_KEY = re.compile(r'"([^"\\]{1,%d})"\s*:\s*\[?\s*$' % MAX_NAME_CHARS)
+
+
+def _number_error(text: str, size: int) -> ApiError:
+    """Name the key whose value is the long number, when the text before it shows one."""
+    match = _LONG_NUMBER.search(text)
+    key = _LAST_KEY.search(text[max(0, match.start() - MAX_NAME_CHARS - 8):match.start()]) if match else None
+    param = key.group(1) if key else None
+    return ApiError(f"{param or 'request body'}: a number of {size} characters; numbers may have at most "
+                    f"{MAX_NUMBER_CHARS}", "invalid_request", param, "number_too_long")
 
 
 _DECODER = json.JSONDecoder(parse_int=_number(int), parse_float=_number(float))
@@ -51,6 +67,8 @@ def parse_json(body: bytes) -> Any:
         data = _DECODER.decode(text)
     except RecursionError:
         raise _too_deep() from None
+    except _NumberTooLong as err:
+        raise _number_error(text, err.args[0]) from None
     except ValueError as err:
         raise ApiError(f"request body is not valid JSON: {err}", "invalid_request", None, "invalid_json") from None
     check_shape(data)
