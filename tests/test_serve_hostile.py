@@ -563,8 +563,8 @@ def test_max_queue_zero_means_no_waiting_line_and_connections_are_capped() -> No
     with ServerProcess("--slots", "1", "--max-queue", "0", "--max-connections", "6", *COMMON) as proc:
         body = {"messages": HI, "max_tokens": 2, "temperature": 0}
         assert post(proc, body).status_code == 200  # an idle slot serves at once
-        long = {"messages": [{"role": "user", "content": "Tell a long tale."}], "max_tokens": 300,
-                "temperature": 0.8, "stream": True}
+        long = {"messages": [{"role": "user", "content": "Write the numbers from 1 to 400, separated by commas."}],
+                "max_tokens": 400, "temperature": 0, "stream": True}  # greedy: runs to max_tokens
         with httpx.stream("POST", proc.base_url + "/chat/completions", json=long, timeout=120) as busy:
             assert busy.status_code == 200
             next(busy.iter_lines())
