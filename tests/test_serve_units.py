@@ -302,3 +302,21 @@ def test_an_internal_error_answers_a_request_id_and_logs_the_traceback(caplog: p
     assert "secret" not in message and "RuntimeError" not in message
     rid = message.split("request id ")[1].split(")")[0]
     assert any(rid in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_host_check_stays_on_for_a_public_bind_and_takes_allowed_names() -> None:
+    public = ServeConfig(host="0.0.0.0", allow_hosts=("my-box.lan",))
+    assert public.allowed_host("my-box.lan:8080") and public.allowed_host("localhost:8080")
+    assert not public.allowed_host("rebind.example:8080") and not public.allowed_host("192.168.1.5")
+    assert ServeConfig(host="192.168.1.5").allowed_host("192.168.1.5:8080")  # the bind address itself
+    assert ServeConfig(allow_hosts=("*",)).allowed_host("anything.example")
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (b"application/json", True), (b"application/json; charset=utf-8", True), (b"Application/JSON", True),
+    (b"text/plain", False), (b"application/jsonx", False), (b"", False),
+])
+def test_only_json_bodies_pass(value: bytes, ok: bool) -> None:
+    from caa_local.serve.browser import is_json
+
+    assert is_json(value) is ok
