@@ -535,7 +535,7 @@ def test_a_head_that_trickles_in_is_cut_at_the_deadline(server: ServerProcess) -
 
 def test_a_client_that_never_reads_holds_no_slot(server: ServerProcess) -> None:
     """A stream whose client never reads: the slot comes back when the generation ends (the answer
-    waits in buffers), and the connection is dropped after the write deadline."""
+    waits in buffers; a write that waits past the deadline ends the response)."""
     wait_idle(server)
     body = json.dumps({"messages": [{"role": "user", "content": "Write a long story about a ship."}],
                        "max_tokens": 300, "temperature": 0.8, "seed": 3, "stream": True, "steering": [],
