@@ -320,3 +320,25 @@ def test_only_json_bodies_pass(value: bytes, ok: bool) -> None:
     from caa_local.serve.browser import is_json
 
     assert is_json(value) is ok
+
+
+def test_a_write_that_waits_past_the_deadline_ends_the_response() -> None:
+    """The ASGI send of a client that never reads never returns; the real socket case needs more
+    answer than the kernel's buffers hold, so this drives BodyGuard with such a send directly."""
+    from caa_local.serve.body import BodyGuard
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def stuck_send(message: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> None:
+        guard = BodyGuard(app, ServeConfig(write_timeout=0.05))
+        with pytest.raises(ConnectionAbortedError, match="did not read"):
+            await asyncio.wait_for(guard({"type": "http", "method": "GET", "headers": []}, receive, stuck_send), 5)
+
+    asyncio.run(main())
