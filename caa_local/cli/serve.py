@@ -106,6 +106,6 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
 def check_origin(origin: str) -> str:
     """An --allow-origin value: '*' or scheme://host[:port], as browsers send it."""
     text = origin.strip().rstrip("/")
-    if text == "*" or re.fullmatch(r"https?://[^/\s?#]+", text):
+    if text == "*" or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+", text):  # also app:// and the like
         return text
     raise CaaError(f"--allow-origin {origin!r}: expected scheme://host[:port] (e.g. http://localhost:3000) or '*'")
