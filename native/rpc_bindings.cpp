@@ -6,8 +6,10 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 #include <unistd.h>
 
 namespace nb = nanobind;
@@ -15,8 +17,13 @@ using namespace nb::literals;
 
 namespace {
 
-// ggml-rpc aborts the process when a worker goes away mid-decode (it cannot recover); say
-// so in one line and exit with status 1 instead of a backtrace and a core dump.
+int lost_exit_code = 1;
+PyObject * lost_hook = nullptr; // owned; called with the message, with the GIL
+
+// ggml-rpc aborts the process when a worker goes away mid-decode (it cannot recover). Say so
+// in one line; then either hand over to the hook (a server answers its open requests and
+// exits by itself; this thread, whichever it is, waits for that) or exit at once, instead of
+// a backtrace and a core dump.
 void rpc_abort(const char * message) {
     const bool rpc = std::strstr(message, "ggml-rpc") != nullptr || std::strstr(message, "RPC") != nullptr;
     std::fprintf(stderr, "Error: llama.cpp stopped: %s%s\n", message,
@@ -24,7 +31,17 @@ void rpc_abort(const char * message) {
                        "start caa-local again once the worker is back)"
                      : "");
     std::fflush(stderr);
-    _exit(1);
+    if (lost_hook != nullptr) {
+        PyGILState_STATE gil = PyGILState_Ensure();
+        PyObject * r = PyObject_CallFunction(lost_hook, "s", message);
+        Py_XDECREF(r);
+        PyErr_Clear();
+        PyGILState_Release(gil);
+        for (;;) {
+            std::this_thread::sleep_for(std::chrono::hours(1));
+        }
+    }
+    _exit(lost_exit_code);
 }
 
 } // namespace
@@ -33,9 +50,18 @@ void bind_rpc(nb::module_ & m) {
     m.attr("RPC_PROTO_MAJOR") = RPC_PROTO_MAJOR_VERSION;
     m.attr("RPC_PROTO_MINOR") = RPC_PROTO_MINOR_VERSION;
     m.def("rpc_available", &caa::rpc_available, "Whether this llama.cpp was built with GGML_RPC.");
-    m.def("rpc_abort_message", [] { ggml_set_abort_callback(rpc_abort); },
-          "From now on a llama.cpp abort (e.g. an RPC worker lost mid-decode) prints one Error: line "
-          "and exits with status 1.");
+    m.def(
+        "rpc_on_lost",
+        [](int exit_code, nb::object hook) {
+            lost_exit_code = exit_code;
+            Py_XDECREF(lost_hook);
+            lost_hook = hook.is_none() ? nullptr : hook.inc_ref().ptr();
+            ggml_set_abort_callback(rpc_abort);
+        },
+        "exit_code"_a = 1, "hook"_a = nb::none(),
+        "From now on a llama.cpp abort (e.g. an RPC worker lost mid-decode) prints one Error: line, "
+        "then calls hook(message) and blocks the aborting thread (the hook ends the process), or "
+        "with no hook exits with exit_code.");
     m.def(
         "rpc_serve",
         [](const std::string & endpoint, const std::string & cache_dir, int32_t n_threads) {

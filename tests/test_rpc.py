@@ -14,8 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -224,3 +225,61 @@ def test_a_port_in_use_is_one_error(workers: list[str]) -> None:
     done = run_cli("rpc-worker", "--port", port, timeout=60)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("Error: ")
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_serve_answers_503_while_its_worker_is_away_and_serves_again_after() -> None:
+    import httpx
+
+    worker_port, port = free_port(), free_port()
+    worker = start_worker(worker_port)
+    server = subprocess.Popen([sys.executable, "-m", "caa_local.cli", "serve", "--rpc", f"127.0.0.1:{worker_port}",
+                               "--port", str(port), "--threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
+                              preexec_fn=default_sigint)
+    url = f"http://127.0.0.1:{port}"
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}],
+            "max_tokens": 3000, "temperature": 1}
+
+    def health() -> int:
+        try:
+            return httpx.get(f"{url}/health", timeout=5).status_code
+        except httpx.HTTPError:
+            return 0
+
+    try:
+        assert wait_for(lambda: health() == 200, 120), "the server did not come up"
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert ok.status_code == 200
+        # The worker dies mid-answer: the open request gets a 503 within seconds, not a hang.
+        with httpx.Client(timeout=30) as client:
+            threading.Timer(2.0, stop, (worker,)).start()
+            started = time.monotonic()
+            lost = client.post(f"{url}/v1/chat/completions", json=body)
+        assert lost.status_code == 503 and time.monotonic() - started < 20
+        assert lost.json()["error"]["code"] == "rpc_worker_unavailable"
+        # While it is away every request is a 503 in its API's shape, and the port stays open.
+        away = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
+        assert away.status_code == 503 and away.headers["retry-after"]
+        ollama = httpx.post(f"{url}/api/chat", json={"model": "x", "messages": []}, timeout=10)
+        assert ollama.status_code == 503 and "error" in ollama.json()
+        # The worker is back: so is the model.
+        worker = start_worker(worker_port)
+        assert wait_for(lambda: health() == 200, 120), "the server did not come back"
+        again = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert again.status_code == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        stop(worker)

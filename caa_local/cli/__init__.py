@@ -96,6 +96,14 @@ rpc_option = click.option(
          "in order; every layer unless --gpu-layers says how many. Repeatable.")
 
 
+def rpc_endpoints() -> list[str]:
+    """The --rpc endpoints of the running command, checked for form (none outside a command)."""
+    from caa_local.engine.rpc import parse_endpoints
+
+    ctx = click.get_current_context(silent=True)
+    return parse_endpoints(ctx.meta.get(RPC_KEY, ()) if ctx else ())
+
+
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--model/--ctx/--threads/--gpu-layers/--rpc, shared by every command that runs the engine."""
     options = [
@@ -130,10 +138,8 @@ def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layer
     if n_threads < 0:
         raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
     from caa_local.engine.engine import Engine
-    from caa_local.engine.rpc import parse_endpoints
 
-    ctx = click.get_current_context(silent=True)
-    rpc = parse_endpoints(ctx.meta.get(RPC_KEY, ()) if ctx else ())
+    rpc = rpc_endpoints()
     if rpc and n_gpu_layers == 0:
         n_gpu_layers = -1  # --rpc alone: every layer goes to the workers
     engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, rpc=rpc)

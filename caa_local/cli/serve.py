@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import click
 
-from caa_local.cli import any_arch_option, model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import any_arch_option, model_options, open_engine, rpc_endpoints, warn, warn_multipliers
 from caa_local.core.errors import CaaError
 
 POSITIONS = ("response", "all")
@@ -70,6 +71,13 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
         warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
     if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
         n_threads = max(1, (os.cpu_count() or 1) // slots)
+    guard = None
+    if rpc := rpc_endpoints():
+        from caa_local.serve.supervise import RpcLossGuard, is_child, supervise
+
+        if not is_child():  # the model lives in a child this process restarts when a worker is lost
+            sys.exit(supervise(rpc, host, port, sys.argv[1:], warn))
+        guard = RpcLossGuard()
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
 
     from caa_local.serve.config import ServeConfig
@@ -81,6 +89,8 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
                          positions=positions, max_body_bytes=max_body, max_queue=max_queue)
     app, pool, library = build(config, engine, defaults)
+    if guard is not None:
+        app = guard.wrap(app)
     for line in library.skipped:
         warn(f"Warning: vector skipped: {line}")
     run(config, app, pool, warn, open_browser)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from caa_local.core.errors import CaaError
 from caa_local.engine import _native
@@ -94,14 +94,26 @@ def _recv(sock: socket.socket, n: int, endpoint: str) -> bytes:
     return data
 
 
+_on_lost: tuple[int, Callable[[str], None] | None] = (1, None)
+
+
+def on_worker_lost(exit_code: int = 1, hook: Callable[[str], None] | None = None) -> None:
+    """What happens when a worker goes away mid-decode, which llama.cpp cannot survive: one
+    ``Error:`` line, then ``hook(message)`` from the aborting thread, which never returns (the
+    hook must end the process, e.g. after answering open requests), or with no hook an exit
+    with ``exit_code``. Applies to models connected from now on."""
+    global _on_lost
+    _on_lost = (exit_code, hook)
+
+
 def connect(endpoints: Sequence[str]) -> list[str]:
-    """Checked endpoints for ``Model(rpc=...)``; from here on, losing a worker ends the process
-    with one Error: line (llama.cpp cannot continue without it)."""
+    """Checked endpoints for ``Model(rpc=...)``; from here on, losing a worker is handled as
+    ``on_worker_lost`` says (by default: one Error: line and exit status 1)."""
     require_rpc()
     for endpoint in endpoints:
         check_worker(endpoint)
     if endpoints:
-        _native.rpc_abort_message()
+        _native.rpc_on_lost(*_on_lost)
     return list(endpoints)
 
 

@@ -17,6 +17,7 @@ from caa_local.serve.config import ServeConfig
 from caa_local.serve.library import VectorLibrary
 from caa_local.serve.planning import Defaults
 from caa_local.serve.slots import SlotPool
+from caa_local.serve.supervise import inherited_fd
 
 
 def default_terms(engine: Engine, loaded: Sequence[tuple[str, ControlVector, float]],
@@ -48,7 +49,8 @@ def run(config: ServeConfig, app: Any, pool: SlotPool, say: Callable[[str], None
     import uvicorn
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, fd=inherited_fd(),
+                                           log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=2))
 
     def announce() -> None:
