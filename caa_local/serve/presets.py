@@ -10,8 +10,8 @@ the same name:
 3. ``--preset NAME=VECTOR[:SCALE][@LAYERS][,VECTOR...]`` on the command line;
 4. ``POST /v1/presets`` (the page's "save as preset"), written back to FILE when it is writable.
 
-The plain model answers to ``default``, the model file's name and stem and the GGUF's
-``general.name``; a name may carry Ollama's ``:latest`` tag. Any other name is a 404 listing the
+The plain model answers to ``default``, ``caa-local``, the model file's name and stem and the
+GGUF's ``general.name``; a name may carry Ollama's ``:latest`` tag. Any other name is a 404 listing the
 names there are.
 """
 
@@ -47,6 +47,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PLAIN_ALIAS = "default"
+PROJECT_ALIAS = "caa-local"  # what the README's examples sent before presets existed
 TAG = ":latest"
 NEG_SUFFIX = "-neg"
 # Request fields a preset may give defaults for (the request's own value wins).
@@ -210,7 +211,8 @@ class PresetBook:
         self.file_specs: dict[str, PresetSpec] = {}
         self.presets: dict[str, Preset] = {}
         self.model_id = config.model_id or engine.model_path.name
-        names = (PLAIN_ALIAS, self.model_id, engine.model_path.name, engine.model_path.stem, engine.model.name)
+        names = (PLAIN_ALIAS, PROJECT_ALIAS, self.model_id, engine.model_path.name, engine.model_path.stem,
+                 engine.model.name)
         self.aliases = tuple(dict.fromkeys(n for n in names if n))
         self.skipped: list[str] = []
         self._lock = threading.Lock()

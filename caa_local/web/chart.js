@@ -89,8 +89,7 @@ export function drawCalibration(figure, calibration, recommended) {
     root.append(svg("text", { x: sx(mark) + 2, y: T + 6, class: "rec-label" }, `${name} ${mark}`));
   }
   const caption = document.createElement("figcaption");
-  caption.textContent = [key ? `${label} (solid, left)` : "",
-    hasRatio ? `perplexity ratio (dashed, right${Number.isFinite(limit) ? `; guard limit ×${limit}` : ""})` : ""]
-    .filter(Boolean).join(" and ") + " vs multiplier";
+  caption.textContent = `${key ? label : "perplexity ratio"} vs multiplier` + (key && hasRatio
+    ? ` (solid, left); perplexity ratio (dashed, right${Number.isFinite(limit) ? `, guard limit ×${limit}` : ""})` : "");
   figure.append(root, caption);
 }
