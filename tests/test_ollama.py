@@ -102,8 +102,13 @@ def openai_answer(server: ServerProcess, model: str, messages: list[dict[str, st
 def test_models_list_the_plain_model_and_every_preset(server: ServerProcess, client: Any) -> None:
     ids = [m.id for m in server.client().models.list().data]
     assert ids[0] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # every calibrated shipped vector at its recommended setting, and at its negative limit where it has one
-    assert {"sentiment", "sentiment-neg", "enthusiasm", "enthusiasm-neg", "formality", "calm", "cheerful"} <= set(ids)
+    # every calibrated vector at its recommended setting, and at its negative limit where it has one
+    vectors = server.request("GET", "/v1/vectors")[1]["data"]
+    calibrated = [v for v in vectors if v["calibration"]]
+    expected = {v["id"] for v in calibrated} | {v["id"] + "-neg" for v in calibrated
+                                                if v["calibration"]["negative_limit"] is not None}
+    assert {"sentiment", "sentiment-neg"} <= expected and expected | {"calm", "cheerful"} <= set(ids)
+    assert not {v["id"] for v in vectors if not v["calibration"]} & set(ids)  # uncalibrated: no preset
     listed = {m.model for m in client.list().models}
     assert {"sentiment:latest", "sentiment-neg:latest", "calm:latest", "cheerful:latest",
             "SmolLM2-135M-Instruct.Q4_1.gguf:latest"} <= listed

@@ -4,8 +4,9 @@ A preset is a name, steering terms (vector ids, scales, layers), optional positi
 prompt and sampling defaults. They come from four places, later ones replacing earlier ones of
 the same name:
 
-1. every calibrated vector in the library: ``NAME`` at its recommended multiplier and layer,
-   and ``NAME-neg`` at its negative limit (when the calibration found one);
+1. every calibrated vector in the library (one with a ``caa.calibration`` summary, as
+   ``caa-local calibrate`` writes it): ``NAME`` at its recommended multiplier and layer, and
+   ``NAME-neg`` at its negative limit (when the calibration found one);
 2. ``--presets FILE`` (TOML or JSON: ``[presets.NAME]`` tables / ``{"presets": {NAME: {...}}}``);
 3. ``--preset NAME=VECTOR[:SCALE][@LAYERS][,VECTOR...]`` on the command line;
 4. ``POST /v1/presets`` (the page's "save as preset"), written back to FILE when it is writable.
@@ -239,11 +240,11 @@ class PresetBook:
     def add_calibrated(self) -> None:
         for entry in sorted(self.library.entries.values(), key=lambda e: e.name):
             vector = entry.vector
-            if not entry.fits or vector.recommended_multiplier() is None:
+            if not entry.fits or vector.calibration() is None or vector.recommended_multiplier() is None:
                 continue
             layer = vector.recommended_layer()
             layers = str(layer) if layer is not None else None
-            sides = [("", vector.recommended_multiplier(), "recommended multiplier"),
+            sides = [("", vector.recommended_multiplier(), "recommended setting"),
                      (NEG_SUFFIX, vector.negative_multiplier_limit(), "negative limit")]
             for suffix, scale, what in sides:
                 if scale is None:
@@ -252,9 +253,8 @@ class PresetBook:
                 if self.is_plain(name):
                     self.skipped.append(f"{name}: the name of the plain model, not made a preset")
                     continue
-                behavior = vector.metadata.get("behavior") or entry.name
                 spec = PresetSpec(steering=[SteeringItem(vector=entry.name, scale=scale, layers=layers)],
-                                  description=f"{behavior} at its calibrated {what} (x{scale:+g})")
+                                  description=f"calibrated {what}")
                 self.add(name, spec, "calibration")
 
     def is_plain(self, name: str) -> bool:
