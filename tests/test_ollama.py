@@ -361,3 +361,22 @@ def test_llm_cli_chooses_a_preset_by_model_name(server: ServerProcess, tmp_path:
     assert run.returncode == 0, run.stderr
     expected = openai_answer(server, "sentiment-neg").choices[0].message.content
     assert run.stdout.strip() == expected.strip()
+
+
+# -- start-up errors -----------------------------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--preset", "no-equals"], "expected NAME=VECTOR"),
+    (["--preset", "x=sentiment:big"], "is not a number"),
+    (["--presets", "presets.yaml"], "expected a .toml or .json file"),
+    (["--preset", "x=nope:1"], "preset 'x' (command line): steering[0].vector: no vector named 'nope'"),
+    (["--preset", "default=sentiment"], "that name is the plain model's"),
+    (["--preset", "x=sentiment@0"], "steering[0].layers"),
+    (["--ollama-port", "8080"], "the same as --port"),
+])
+def test_bad_presets_at_start_up_are_one_error_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                    args: list[str], words: str) -> None:
+    from conftest import one_error, run_cli
+
+    args = [str(tmp_path / a) if a.endswith(".yaml") else a for a in args]
+    code, _, err = run_cli(capsys, "serve", "--port", "8080", "--ctx", "256", "--threads", "1", *args)
+    assert words in one_error(code, err)
