@@ -19,6 +19,7 @@ names there are.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -41,6 +42,8 @@ from caa_local.serve.errors import ApiError, validation_message
 from caa_local.serve.library import NAME, VectorLibrary
 from caa_local.serve.planning import Defaults, make_terms, steering_echo
 from caa_local.serve.protocol import ChatCompletionRequest, ChatMessage, SteeringItem
+
+log = logging.getLogger("caa_local.serve")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -215,7 +218,6 @@ class PresetBook:
         names = (PLAIN_ALIAS, PROJECT_ALIAS, self.model_id, engine.model_path.name, engine.model_path.stem,
                  engine.model.name)
         self.aliases = tuple(dict.fromkeys(n for n in names if n))
-        self.skipped: list[str] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -249,13 +251,12 @@ class PresetBook:
             for suffix, scale, what in sides:
                 if scale is None:
                     continue
-                name = entry.name + suffix
-                if self.is_plain(name):
-                    self.skipped.append(f"{name}: the name of the plain model, not made a preset")
-                    continue
                 spec = PresetSpec(steering=[SteeringItem(vector=entry.name, scale=scale, layers=layers)],
                                   description=f"calibrated {what}")
-                self.add(name, spec, "calibration")
+                try:  # a vector file is no reason to refuse to start: its preset is left out, with a warning
+                    self.add(entry.name + suffix, spec, "calibration")
+                except CaaError as err:
+                    log.warning("preset left out: %s", err)
 
     def is_plain(self, name: str) -> bool:
         return name in self.aliases
