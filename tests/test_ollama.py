@@ -182,7 +182,8 @@ def test_ollama_generate_equals_a_one_message_chat(server: ServerProcess, client
     reply = client.generate(model="cheerful", prompt=PROMPT, options={"temperature": 0, "num_predict": N},
                             stream=False)
     assert reply.response == expected and reply.done
-    pieces = client.generate(model="cheerful", prompt=PROMPT, options={"temperature": 0, "num_predict": N})
+    pieces = client.generate(model="cheerful", prompt=PROMPT, options={"temperature": 0, "num_predict": N},
+                             stream=True)
     assert "".join(p.response for p in pieces) == expected
 
 
