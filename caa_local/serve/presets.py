@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ PROJECT_ALIAS = "caa-local"  # what the README's examples sent before presets ex
 TAG = ":latest"
 NEG_SUFFIX = "-neg"
 # Request fields a preset may give defaults for (the request's own value wins).
+BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 OPTION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "seed")
 
 
@@ -79,7 +81,7 @@ class Preset:
     name: str
     spec: PresetSpec
     terms: tuple[SteeringTerm, ...]
-    source: str  # "calibration", "command line", the presets file, "saved"
+    source: str  # "calibration", "command line", the presets file's name, "saved"
     options: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
@@ -188,14 +190,18 @@ def toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def toml_key(key: str) -> str:
+    return key if BARE_KEY.match(key) else toml_value(key)
 
 
 def presets_toml(specs: dict[str, PresetSpec]) -> str:
     lines = ["# caa-local presets: each [presets.NAME] is a model name clients can pick.", ""]
     for name, spec in specs.items():
-        lines.append(f"[presets.{toml_value(name)}]")
+        lines.append(f"[presets.{toml_key(name)}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in spec_data(spec).items()]
         lines.append("")
     return "\n".join(lines)
@@ -229,7 +235,7 @@ class PresetBook:
         if file is not None:
             book.file_specs = read_presets_file(file)
             for name, spec in book.file_specs.items():
-                book.add(name, spec, str(file))
+                book.add(name, spec, file.name)
         for flag in flags:
             name, spec = parse_preset_flag(flag)
             book.add(name, spec, "command line")
@@ -347,7 +353,7 @@ class PresetBook:
                 except OSError as err:
                     raise ApiError(f"cannot write {self.file.name}: {err.strerror}", "server") from None
                 self.file_specs = specs
-                preset = Preset(preset.name, preset.spec, preset.terms, str(self.file), preset.options)
+                preset = Preset(preset.name, preset.spec, preset.terms, self.file.name, preset.options)
                 written = True
             self.presets[request.name] = preset
         return preset, written
