@@ -86,7 +86,9 @@ export function drawCalibration(figure, calibration, recommended) {
   for (const [mark, name] of marks) {
     if (!Number.isFinite(mark) || mark < x0 || mark > x1) continue;
     root.append(svg("line", { x1: sx(mark), y1: T, x2: sx(mark), y2: H - B, class: "rec", "data-mark": name }));
-    root.append(svg("text", { x: sx(mark) + 2, y: T + 6, class: "rec-label" }, `${name} ${mark}`));
+    const right = sx(mark) > W / 2;  // label on the side with room, clear of the right axis' labels
+    root.append(svg("text", { x: sx(mark) + (right ? -2 : 2), y: T + 6, class: "rec-label",
+      "text-anchor": right ? "end" : "start" }, `${name} ${mark}`));
   }
   const caption = document.createElement("figcaption");
   caption.textContent = `${key ? label : "perplexity ratio"} vs multiplier` + (key && hasRatio
