@@ -109,6 +109,10 @@ def test_models_list_the_plain_model_and_every_preset(server: ServerProcess, cli
                                                 if v["calibration"]["negative_limit"] is not None}
     assert {"sentiment", "sentiment-neg"} <= expected and expected | {"calm", "cheerful"} <= set(ids)
     assert not {v["id"] for v in vectors if not v["calibration"]} & set(ids)  # uncalibrated: no preset
+    assert server.client().models.retrieve("sentiment-neg").steering[0]["scale"] < 0
+    assert server.client().models.retrieve("default").id == ids[0]
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4o")
     listed = {m.model for m in client.list().models}
     assert {"sentiment:latest", "sentiment-neg:latest", "calm:latest", "cheerful:latest",
             "SmolLM2-135M-Instruct.Q4_1.gguf:latest"} <= listed

@@ -368,6 +368,15 @@ def mount(app: FastAPI, book: PresetBook) -> None:
         return {"object": "list", "data": book.describe(), "model": book.model_id, "aliases": list(book.aliases),
                 "file": book.file.name if book.file else None, "writable": book.writable}
 
+    @app.get("/v1/models/{name}")
+    async def model(name: str) -> dict[str, Any]:
+        """OpenAI's "retrieve model": the plain model under any of its names, or a preset."""
+        preset = book.resolve(name)
+        entry = {"id": preset.name if preset else book.model_id, "object": "model", "created": 0,
+                 "owned_by": "caa-local"}
+        return {**entry, "steering": preset.describe()["steering"]} if preset else \
+            {**entry, "aliases": list(book.aliases)}
+
     @app.post("/v1/presets")
     async def save_preset(request: Request) -> JSONResponse:
         try:
