@@ -9,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,54 @@ def test_show_version_ps_and_a_load_request(server: ServerProcess, client: Any) 
     assert client.ps().models and server.request("GET", "/api/version")[1]["version"]
     loaded = client.chat(model="sentiment", messages=[], stream=False)  # front-ends preload this way
     assert loaded.done and loaded.done_reason == "load"
+
+
+def test_presets_at_once_on_two_slots_do_not_mix(server: ServerProcess, client: Any) -> None:
+    models = ["sentiment", "sentiment-neg", "cheerful", "default"]
+    expected = {m: openai_answer(server, m).choices[0].message.content for m in models}
+    got: dict[str, Any] = {}
+
+    def run(model: str) -> None:
+        options = {"temperature": 0, "num_predict": N}
+        try:
+            if model == "default":  # one whole answer, the others streamed
+                got[model] = client.chat(model=model, messages=MESSAGES, options=options).message.content
+            else:
+                got[model] = "".join(part.message.content for part in
+                                     client.chat(model=model, messages=MESSAGES, options=options, stream=True))
+        except Exception as err:  # noqa: BLE001 - reported below
+            got[model] = err
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+def test_a_cut_ndjson_stream_stops_its_generation(server: ServerProcess) -> None:
+    import httpx
+
+    before = idle(server)
+    body = {"model": "default", "messages": [{"role": "user", "content": "Write a very long story about a ship."}],
+            "options": {"temperature": 0.8, "seed": 1, "num_predict": CTX - 64}}
+    with httpx.Client(timeout=120) as http, http.stream(
+            "POST", server.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+        first = json.loads(next(response.iter_lines()))
+        assert first["done"] is False
+    after = idle(server)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["cancelled_tokens"] - before["cancelled_tokens"] < CTX - 64
+
+
+def idle(server: ServerProcess) -> dict[str, Any]:
+    for _ in range(600):
+        health = server.health()
+        if health["slots_idle"] == health["slots"]:
+            return health
+        time.sleep(0.1)
+    raise AssertionError(f"slots never came back: {server.health()}")
 
 
 # -- bad input: the same answer through both APIs ----------------------------------------------
