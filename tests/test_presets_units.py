@@ -100,7 +100,7 @@ def test_ollama_options_map_to_request_fields() -> None:
                       "steering": [{"vector": "v", "scale": 1}]}
     assert names["max_tokens"] == "options.num_predict" and names["steering"] == "steering"
     assert ctx == 256
-    unlimited = OllamaChat.model_validate({"options": {"num_predict": -1}})
+    unlimited = OllamaChat.model_validate({"options": {"num_predict": -1, "seed": -1}})
     assert options_fields(unlimited, 1024)[0] == {}
 
 

@@ -144,6 +144,8 @@ def options_fields(body: OllamaRequest, n_ctx: int) -> tuple[dict[str, Any], dic
             target = OPTION_FIELDS[key]
             if key == "num_predict" and isinstance(value, int) and not isinstance(value, bool) and value in (-1, -2):
                 continue  # unlimited / fill the context: the server's default budget, bounded by the context
+            if key == "seed" and isinstance(value, int) and not isinstance(value, bool) and value == -1:
+                continue  # Ollama's "random seed"
             fields[target], names[target] = value, where
         elif key in NEUTRAL_OPTIONS:
             if value != NEUTRAL_OPTIONS[key]:
