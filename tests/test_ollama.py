@@ -401,6 +401,21 @@ def test_bad_presets_are_refused(server: ServerProcess, presets_file: Path, body
     assert presets_file.read_text(encoding="utf-8") == before
 
 
+def test_a_presets_file_edited_since_start_up_is_kept_or_left_alone(server: ServerProcess, presets_file: Path) -> None:
+    before = presets_file.read_text(encoding="utf-8")
+    try:
+        presets_file.write_text(before + '\n[presets.by-hand]\nsteering = []\n', encoding="utf-8")
+        assert post(server, "/v1/presets", {"name": "after-edit", "steering": []})[0] == 201
+        assert {"by-hand", "after-edit"} <= set(tomllib.loads(presets_file.read_text(encoding="utf-8"))["presets"])
+        presets_file.write_text("presets = [broken", encoding="utf-8")
+        status, body = post(server, "/v1/presets", {"name": "lost", "steering": []})
+        assert status == 409 and "no longer reads as a presets file" in body["error"]["message"], body
+        assert str(presets_file.parent) not in body["error"]["message"]  # no server path in an answer
+        assert presets_file.read_text(encoding="utf-8") == "presets = [broken"  # left for its owner to fix
+    finally:
+        presets_file.write_text(before, encoding="utf-8")
+
+
 # -- the llm CLI picks a preset by model name --------------------------------------------------
 def test_llm_cli_chooses_a_preset_by_model_name(server: ServerProcess, tmp_path: Path) -> None:
     llm = Path(sys.executable).with_name("llm")

@@ -218,7 +218,6 @@ class PresetBook:
         self.config = config
         self.plain = plain
         self.file = file
-        self.file_specs: dict[str, PresetSpec] = {}
         self.presets: dict[str, Preset] = {}
         self.model_id = config.model_id or engine.model_path.name
         names = (PLAIN_ALIAS, PROJECT_ALIAS, self.model_id, engine.model_path.name, engine.model_path.stem,
@@ -233,8 +232,7 @@ class PresetBook:
         book = cls(engine, library, config, plain, file)
         book.add_calibrated()
         if file is not None:
-            book.file_specs = read_presets_file(file)
-            for name, spec in book.file_specs.items():
+            for name, spec in read_presets_file(file).items():
                 book.add(name, spec, file.name)
         for flag in flags:
             name, spec = parse_preset_flag(flag)
@@ -346,13 +344,17 @@ class PresetBook:
             written = False
             if self.writable:
                 assert self.file is not None
-                specs = {**self.file_specs, request.name: spec}
+                try:  # read again: the file may have been edited since start-up, and those edits stay
+                    specs = {**read_presets_file(self.file), request.name: spec}
+                except CaaError as err:
+                    problem = str(err).replace(f"--presets {self.file}: ", "")  # no server path to the client
+                    raise ApiError(f"cannot add to {self.file.name}: it no longer reads as a presets file "
+                                   f"({problem}); fix or remove it", "conflict", None, "presets_file_broken") from None
                 text = presets_toml(specs) if file_kind(self.file) == "toml" else presets_json(specs)
                 try:
                     write_text(self.file, text, force=True)
                 except OSError as err:
                     raise ApiError(f"cannot write {self.file.name}: {err.strerror}", "server") from None
-                self.file_specs = specs
                 preset = Preset(preset.name, preset.spec, preset.terms, self.file.name, preset.options)
                 written = True
             self.presets[request.name] = preset
