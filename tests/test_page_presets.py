@@ -136,3 +136,14 @@ def test_copy_as_curl_and_python_run_with_the_pages_steering(page: Any) -> None:
     python = page.locator("#snippet").inner_text()
     assert "extra_body" in python
     assert run_snippet("python", python).strip() == reply["choices"][0]["message"]["content"].strip()
+
+
+def test_a_presets_sampling_defaults_fill_the_settings(server: ServerProcess, page: Any) -> None:
+    body = {"name": "slow-and-short", "steering": [{"vector": "formality", "scale": 1}],
+            "options": {"temperature": 0.3, "max_tokens": 33, "top_k": 5}}
+    assert server.request("POST", "/v1/presets", json.dumps(body).encode())[0] == 201
+    page.reload()  # the key stays in sessionStorage
+    page.wait_for_selector("#presets li[data-preset='slow-and-short']")
+    page.get_by_role("button", name="Use preset slow-and-short").click()
+    assert (page.input_value("#temperature"), page.input_value("#max_tokens")) == ("0.3", "33")
+    assert page.locator("#active li strong").inner_text() == "formality"

@@ -33,6 +33,10 @@ export function createPresets(page) {
     page.state.active = preset.steering.map((t) => ({ vector: t.vector, scale: t.scale, layer: t.layers.join(",") }));
     if (preset.positions) $("positions").value = preset.positions;
     if (preset.system) $("system").value = preset.system;
+    for (const [key, value] of Object.entries(preset.options || {})) {
+      const input = $(key);  // temperature, top_p, max_tokens, seed, repeat_penalty have inputs
+      if (input && input.closest("#settings-grid")) input.value = value;
+    }
     page.renderActive();
     page.showError("");
     $("preset-status").textContent = `Using ${preset.id}: clients get the same by asking for model "${preset.id}".`;
