@@ -89,6 +89,8 @@ def test_bad_presets_files_name_the_problem(tmp_path: Path, name: str, text: str
 
 def test_a_presets_file_that_does_not_exist_yet_is_empty(tmp_path: Path) -> None:
     assert read_presets_file(tmp_path / "new.toml") == {}
+    with pytest.raises(CaaError, match="no such directory"):
+        read_presets_file(tmp_path / "typo" / "new.toml")
 
 
 def test_ollama_options_map_to_request_fields() -> None:

@@ -134,6 +134,8 @@ def read_presets_file(path: Path) -> dict[str, PresetSpec]:
     """name -> spec from a TOML or JSON presets file; a file that does not exist yet is empty."""
     kind = file_kind(path)
     if not path.exists():
+        if not path.parent.is_dir():
+            raise CaaError(f"--presets {path}: no such directory {str(path.parent)!r} to create it in")
         return {}
     try:
         text = path.read_text(encoding="utf-8")
