@@ -39,15 +39,23 @@ POSITIONS = ("response", "all")
               help="Largest request body in bytes.")
 @click.option("max_queue", "--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Requests that may wait for a slot; more get 503.")
+@click.option("preset_flags", "--preset", multiple=True, metavar="NAME=VECTOR[:SCALE][@LAYERS][,...]",
+              help="A steering clients choose by model name (e.g. cheerful=sentiment:1.5@23); repeatable.")
+@click.option("presets_file", "--presets", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Presets file (.toml or .json); presets saved from the page are written there when writable.")
+@click.option("ollama_port", "--ollama-port", type=click.IntRange(1, 65535), default=None,
+              help="Also listen on this port (e.g. 11434, Ollama's) for clients that assume it.")
 @click.option("open_browser", "--open", is_flag=True, help="Open the steering page in the default browser.")
 @any_arch_option
 def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, host: str, port: int,
           slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
-          positions: str, api_key: str | None, max_body: int, max_queue: int, open_browser: bool,
-          any_arch: bool) -> None:
+          positions: str, api_key: str | None, max_body: int, max_queue: int, preset_flags: tuple[str, ...],
+          presets_file: Path | None, ollama_port: int | None, open_browser: bool, any_arch: bool) -> None:
     """Serve the model over an OpenAI-compatible API, steered per request, with a page at /.
 
-    Requests may add "steering": [{"vector": "sentiment", "scale": -2, "layers": "23"}].
+    Requests may add "steering": [{"vector": "sentiment", "scale": -2, "layers": "23"}], or choose a
+    preset by model name ("model": "sentiment-neg"; GET /v1/models lists them). Ollama's API
+    (/api/chat, /api/generate, /api/tags, ...) is served on the same port.
 
     \b
     Example:
@@ -62,6 +70,14 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
         raise CaaError("--api-key: expected a non-empty key")
     from caa_local.cli.chat import load_vector_specs
     from caa_local.core.layers import parse_layer_spec
+    from caa_local.serve.presets import parse_preset_flag, read_presets_file
+
+    for flag in preset_flags:  # syntax errors before the model loads
+        parse_preset_flag(flag)
+    if presets_file is not None:
+        read_presets_file(presets_file)
+    if ollama_port is not None and ollama_port == port:
+        raise CaaError(f"--ollama-port {ollama_port}: the same as --port (the Ollama API is on --port too)")
 
     loaded = load_vector_specs(vectors)
     if layers:
@@ -87,7 +103,8 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
     defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=any_arch), positions)
     config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
-                         positions=positions, max_body_bytes=max_body, max_queue=max_queue)
+                         positions=positions, max_body_bytes=max_body, max_queue=max_queue,
+                         presets=preset_flags, presets_file=presets_file, ollama_port=ollama_port)
     app, pool, library = build(config, engine, defaults)
     if guard is not None:
         app = guard.wrap(app)

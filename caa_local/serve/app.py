@@ -28,6 +28,8 @@ from caa_local.serve.errors import ApiError, error_body, status_kind, validation
 from caa_local.serve.guard import Guard
 from caa_local.serve.library import VectorLibrary
 from caa_local.serve.planning import Defaults, plan_request, steering_echo
+from caa_local.serve.presets import PresetBook
+from caa_local.serve.presets import mount as mount_presets
 from caa_local.serve.protocol import ChatCompletionRequest, chunk_body, completion_body, new_id, now
 from caa_local.serve.slots import Outcome, Plan, QueueFullError, SlotPool, finish_reason, usage
 
@@ -39,11 +41,12 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: VectorLibrary,
-               defaults: Defaults = Defaults()) -> FastAPI:
+               defaults: Defaults = Defaults(), presets: PresetBook | None = None) -> FastAPI:
     app = FastAPI(title="caa-local", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, config=config)
     model_id = config.model_id or engine.model_path.name
     n_ctx = min(slot.engine.n_ctx for slot in pool.slots)
+    book = presets or PresetBook.build(engine, library, config, defaults)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -81,7 +84,11 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": 0, "owned_by": "caa-local",
             "architecture": engine.architecture, "n_layer": engine.n_layer, "n_embd": engine.n_embd,
-            "n_ctx": n_ctx, "slots": len(pool.slots)}]}
+            "n_ctx": n_ctx, "slots": len(pool.slots), "aliases": list(book.aliases)},
+            *({"id": p["id"], "object": "model", "created": 0, "owned_by": "caa-local", "parent": model_id,
+               "steering": p["steering"], "description": p["description"]} for p in book.describe())]}
+
+    mount_presets(app, book)
 
     @app.get("/v1/vectors")
     async def vectors() -> dict[str, Any]:
@@ -92,11 +99,13 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         chat = parse_request(await request.body())
-        plan = plan_request(chat, engine, library, config, defaults, n_ctx)
+        preset = book.resolve(chat.model)  # a preset's steering and defaults, chosen by model name
+        chat = book.apply(preset, chat)
+        plan = plan_request(chat, engine, library, config, book.defaults(preset), n_ctx)
         if pool.waiting >= pool.max_queue:
             raise ApiError(f"server busy: {pool.waiting} requests are waiting for a slot; retry later",
                            "unavailable", None, "queue_full")
-        meta = {"cid": new_id(), "created": now(), "model": chat.model or model_id,
+        meta = {"cid": new_id(), "created": now(), "model": preset.name if preset else (chat.model or model_id),
                 "steering": steering_echo(plan.terms), "positions": plan.positions}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)

@@ -24,6 +24,9 @@ class ServeConfig:
     default_max_tokens: int = 1024  # when a request sets no max_tokens (bounded by the context)
     model_id: str = ""  # what /v1/models lists; the model file's name when empty
     extra_hosts: tuple[str, ...] = field(default_factory=tuple)
+    presets: tuple[str, ...] = ()  # --preset NAME=VECTOR[:SCALE][@LAYERS],...
+    presets_file: Path | None = None  # --presets FILE (TOML or JSON); saved presets go there when writable
+    ollama_port: int | None = None  # a second port for Ollama's clients (the API is on --port too)
 
     @property
     def loopback_only(self) -> bool:

@@ -17,6 +17,7 @@ KINDS: dict[str, tuple[str, int]] = {
     "permission": ("permission_error", 403),
     "not_found": ("not_found_error", 404),
     "method_not_allowed": ("invalid_request_error", 405),
+    "conflict": ("invalid_request_error", 409),
     "too_large": ("invalid_request_error", 413),
     "validation": ("invalid_request_error", 422),
     "not_implemented": ("not_implemented_error", 501),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
@@ -10,6 +11,7 @@ import webbrowser
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from caa_local.core.errors import CaaError
 from caa_local.core.steering import SteeringTerm, default_layers
 from caa_local.core.vector import ControlVector
 from caa_local.engine.engine import Engine
@@ -29,12 +31,17 @@ def default_terms(engine: Engine, loaded: Sequence[tuple[str, ControlVector, flo
 
 def build(config: ServeConfig, engine: Engine, defaults: Defaults) -> tuple[Any, SlotPool, VectorLibrary]:
     """(app, pool, library): slot 0 is ``engine``'s own context, the others share its model."""
+    from caa_local.serve import ollama
     from caa_local.serve.app import create_app
+    from caa_local.serve.presets import PresetBook
 
     library = VectorLibrary.load(config.vectors_dirs, engine.n_embd, engine.n_layer, engine.architecture)
+    book = PresetBook.build(engine, library, config, defaults, config.presets, config.presets_file)
     engines = [engine, *(engine.new_context() for _ in range(config.slots - 1))]
     pool = SlotPool(engines, max_queue=config.max_queue)
-    return create_app(config, engine, pool, library, defaults), pool, library
+    app = create_app(config, engine, pool, library, defaults, book)
+    ollama.mount(app, config, engine, pool, book)
+    return app, pool, library
 
 
 def url_of(config: ServeConfig, port: int) -> str:
@@ -60,12 +67,25 @@ def run(config: ServeConfig, app: Any, pool: SlotPool, say: Callable[[str], None
             time.sleep(0.05)
         port = server.servers[0].sockets[0].getsockname()[1] if server.servers else config.port
         url = url_of(config, port)
-        say(f"caa-local serve: {url} (OpenAI API at {url}v1, {len(pool.slots)} slot(s); Ctrl-C stops)")
+        say(f"caa-local serve: {url} (OpenAI API at {url}v1, Ollama API at {url}api, {len(pool.slots)} slot(s); "
+            "Ctrl-C stops)")
+        if config.ollama_port is not None:
+            say(f"caa-local serve: Ollama's clients can also use {url_of(config, config.ollama_port)}")
         if open_browser:
             webbrowser.open(url)
 
-    threading.Thread(target=announce, daemon=True).start()
+    # --ollama-port: the same app on a second socket, so clients that assume Ollama's port find it.
     try:
-        server.run()
+        sockets = [listen(config.host, config.port), listen(config.host, config.ollama_port)] \
+            if config.ollama_port is not None else None
+        threading.Thread(target=announce, daemon=True).start()
+        server.run(sockets=sockets)
     finally:
         pool.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as err:
+        raise CaaError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
