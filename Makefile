@@ -9,6 +9,12 @@ CAA := $(VENV)/bin/caa-local
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 # llama.cpp's RPC backend (caa-local rpc-worker, --rpc) is built into the one cached llama-cpp-python wheel.
 export CMAKE_ARGS ?= -DGGML_RPC=ON
+# llama.cpp builds for the CPU it is built on; some VMs advertise AMX in CPUID without enabling
+# it, and the first prompt batch then dies with SIGILL (tilezero): build without AMX.
+ifeq ($(shell uname -m),x86_64)
+export CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+export CXXFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
 
 .PHONY: install dev chat test test-fast vectors report bench clean
 

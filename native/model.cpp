@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include "rpc.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdio>
@@ -20,7 +22,7 @@ void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
 
 } // namespace
 
-Model::Model(const std::string & path, int32_t n_gpu_layers) {
+Model::Model(const std::string & path, int32_t n_gpu_layers, const std::vector<std::string> & rpc_endpoints) {
     static const bool backend_ready = [] {
         llama_log_set(quiet_log, nullptr);
         llama_backend_init();
@@ -29,6 +31,18 @@ Model::Model(const std::string & path, int32_t n_gpu_layers) {
     (void) backend_ready;
     llama_model_params mparams = llama_model_default_params();
     mparams.n_gpu_layers = n_gpu_layers;
+    std::vector<ggml_backend_dev_t> devices; // null-terminated, alive until the model is loaded
+    if (!rpc_endpoints.empty()) {
+        devices = rpc_devices(rpc_endpoints);
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+            if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+                devices.push_back(dev);
+            }
+        }
+        devices.push_back(nullptr);
+        mparams.devices = devices.data();
+    }
     model_.reset(llama_model_load_from_file(path.c_str(), mparams));
     if (!model_) {
         throw std::invalid_argument(path + ": llama.cpp could not load this model file");

@@ -18,8 +18,9 @@ using ModelPtr = std::unique_ptr<llama_model, ModelDeleter>;
 
 class Model {
   public:
-    // n_gpu_layers < 0: offload every layer.
-    Model(const std::string & path, int32_t n_gpu_layers);
+    // n_gpu_layers < 0: offload every layer. rpc_endpoints ("host:port", may be empty): llama.cpp
+    // RPC workers whose devices come first in the offload order, before local GPUs (as --rpc).
+    Model(const std::string & path, int32_t n_gpu_layers, const std::vector<std::string> & rpc_endpoints = {});
 
     int32_t n_embd() const { return llama_model_n_embd(model_.get()); }
     int32_t n_layer() const { return llama_model_n_layer(model_.get()); }

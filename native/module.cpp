@@ -61,6 +61,7 @@ nb::ndarray<nb::numpy, T> to_numpy(std::vector<T> && values, std::initializer_li
 } // namespace
 
 void bind_reader(nb::module_ & m); // reader_bindings.cpp
+void bind_rpc(nb::module_ & m);    // rpc_bindings.cpp
 
 NB_MODULE(_native, m) {
     m.doc() = "caa-local's llama.cpp engine: steered generation and batched scoring";
@@ -68,8 +69,10 @@ NB_MODULE(_native, m) {
     m.attr("LLAMA_MAX_SEQ") = caa::kMaxSequences;
 
     nb::class_<caa::Model>(m, "Model")
-        .def(nb::init<const std::string &, int32_t>(), "path"_a, "n_gpu_layers"_a = 0,
-             nb::call_guard<nb::gil_scoped_release>(), "Load a GGUF model; n_gpu_layers < 0 offloads all.")
+        .def(nb::init<const std::string &, int32_t, const std::vector<std::string> &>(), "path"_a,
+             "n_gpu_layers"_a = 0, "rpc"_a = std::vector<std::string>{}, nb::call_guard<nb::gil_scoped_release>(),
+             "Load a GGUF model; n_gpu_layers < 0 offloads all; rpc: host:port of llama.cpp RPC workers, "
+             "offloaded to first.")
         .def_prop_ro("n_embd", &caa::Model::n_embd)
         .def_prop_ro("n_layer", &caa::Model::n_layer)
         .def_prop_ro("n_vocab", &caa::Model::n_vocab)
@@ -225,4 +228,5 @@ NB_MODULE(_native, m) {
              "Summed log-probabilities of the last n_scored tokens of each continuation, all decoded "
              "with the given steering (None: unsteered). Returns (n_questions, n_options).");
     bind_reader(m);
+    bind_rpc(m);
 }

@@ -51,12 +51,12 @@ def ask(server: ServerProcess, steering: list[dict[str, Any]] | None, stream: bo
     body.update(extra)
     messages = [{"role": "user", "content": prompt}]
     if not stream:
-        reply = client.chat.completions.create(model="anything", messages=messages, temperature=0,
+        reply = client.chat.completions.create(model="default", messages=messages, temperature=0,
                                                max_tokens=max_tokens, extra_body=body)
         assert reply.choices[0].finish_reason in ("stop", "length")
         return reply.choices[0].message.content or ""
     pieces = []
-    for chunk in client.chat.completions.create(model="anything", messages=messages, temperature=0,
+    for chunk in client.chat.completions.create(model="default", messages=messages, temperature=0,
                                                 max_tokens=max_tokens, stream=True, extra_body=body):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
@@ -82,7 +82,9 @@ def test_health_is_public_and_models_list_the_loaded_model(server: ServerProcess
     health = server.health()
     assert health["status"] == "ok" and health["slots"] == 2 and health["auth"] is True
     models = server.client().models.list()
-    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    ids = [m.id for m in models.data]
+    assert ids[0] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the plain model first, then the presets
+    assert {"sentiment", "sentiment-neg"} <= set(ids[1:])
 
 
 def test_vectors_endpoint_describes_the_shipped_vectors(server: ServerProcess) -> None:
@@ -158,11 +160,11 @@ def test_stop_string_ends_the_answer_before_it(server: ServerProcess) -> None:
 def test_a_second_turn_reuses_the_first_turns_cached_prompt(server: ServerProcess) -> None:
     client = server.client()
     history = [{"role": "user", "content": "Name a colour of the sea."}]
-    first = client.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=8,
+    first = client.chat.completions.create(model="default", messages=history, temperature=0, max_tokens=8,
                                            extra_body={"steering": []})
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "And of the sky?"}]
-    second = client.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=8,
+    second = client.chat.completions.create(model="default", messages=history, temperature=0, max_tokens=8,
                                             extra_body={"steering": []})
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
@@ -229,7 +231,7 @@ def test_a_cut_stream_stops_its_generation_and_frees_its_slot(server: ServerProc
     cut = []
     for _ in range(2):  # fill both slots with long answers, then leave after the first token
         stream = server.client().chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "Write a very long story about a ship."}],
+            model="default", messages=[{"role": "user", "content": "Write a very long story about a ship."}],
             temperature=0.8, seed=1, max_tokens=budget, stream=True, extra_body={"steering": []})
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
@@ -346,7 +348,7 @@ def test_openai_client_raises_its_typed_errors(server: ServerProcess) -> None:
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").models.list()
     with pytest.raises(openai.NotFoundError) as info:
-        server.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+        server.client().chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}],
                                                 extra_body={"steering": [{"vector": "nope", "scale": 1}]})
     assert "no vector named 'nope'" in str(info.value)
 

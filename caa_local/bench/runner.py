@@ -10,15 +10,18 @@ null and ``min``/``max`` over runs of ``value``. The measurements are in bench_t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,10 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "Engine.generate (wall clock, all per-token work) vs stock llama.cpp through its C API with "
         "{stock_threadpool}: same GGUF, context, threads, greedy sampler; llama.cpp's own eval + "
         "sampling time per token (ours reused its graph {graphs_reused} single-token decodes)"),
+    "decode_rpc_local_vs_cpu": (
+        "tok/s", None, None,
+        "every layer on one loopback `caa-local rpc-worker` (llama.cpp's RPC backend) vs the same "
+        "model on the local CPU: what the protocol costs per token, before any network"),
     "decode_native_vs_transformers": (
         "tok/s", ">=", 6.5,
         "both steered at one layer: native vs transformers fp32 with the torch_steer hook "
@@ -131,10 +138,15 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
              ("torch", "extraction batched vs loop"),
              ("rss_generate", "peak RSS of generation"), ("rss_extract", "peak RSS of extraction"),
              ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction"),
-             ("serve", "the server: HTTP vs in-process decode, concurrent slots, first token")]
+             ("serve", "the server: HTTP vs in-process decode, concurrent slots, first token"),
+             ("rpc", "decode with every layer on a loopback RPC worker")]
     for group, what in steps:
         echo(f"bench: {what} ...")
-        result = run_worker(group, cfg)
+        if group == "rpc":
+            with rpc_worker(cfg.threads) as endpoint:
+                result = run_worker(group, dataclasses.replace(cfg, rpc=endpoint))
+        else:
+            result = run_worker(group, cfg)
         figures.update(result["figures"])
         facts.update(result["facts"])
     echo("bench: decode vs transformers, each side in fresh processes ...")
@@ -147,6 +159,33 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
     echo("bench: chat start-up ...")
     figures["chat_startup_s"] = {"value": startup_times(cfg)}
     return build_rows(figures, facts, {**machine(), "threads": facts.get("threads", cfg.threads)})
+
+
+@contextlib.contextmanager
+def rpc_worker(threads: int) -> Iterator[str]:
+    """A `caa-local rpc-worker` on a free loopback port for the duration of the block."""
+    from caa_local.engine.rpc import RpcError, check_worker
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"127.0.0.1:{port}"
+    worker = subprocess.Popen([sys.executable, "-m", "caa_local.cli", "rpc-worker", "--port", str(port),
+                               "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                check_worker(endpoint, timeout=2)
+                break
+            except RpcError as err:
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise CaaError(f"bench: the RPC worker did not start: {err}") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        worker.kill()
+        worker.wait()
 
 
 def build_rows(figures: dict[str, dict[str, list[float]]], facts: dict[str, Any],

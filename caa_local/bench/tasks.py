@@ -45,6 +45,7 @@ class Config:
     extract_pairs: int = 16
     change_repeats: int = 20
     startup_runs: int = 5
+    rpc: str | None = None  # host:port of an RPC worker, for the rpc group
 
     def quick(self) -> Config:
         return dataclasses.replace(self, repeats=min(self.repeats, 2), decode_tokens=32, torch_decode_tokens=8,
@@ -433,13 +434,28 @@ def _serve_group(cfg: Config) -> dict[str, Any]:
     return serve_group(cfg)
 
 
+def _rpc_group(cfg: Config) -> dict[str, Any]:
+    """Decode with every layer on the RPC worker the runner started (cfg.rpc) vs the same model local."""
+    from caa_local.engine.engine import Engine
+
+    assert cfg.rpc, "the runner starts a worker for this group"
+    remote = Engine(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.threads, n_gpu_layers=-1, rpc=[cfg.rpc])
+    local = _engine(cfg)
+    messages = [{"role": "user", "content": STORY}]
+    over_rpc, on_cpu = interleaved(cfg.repeats, lambda: native_decode(remote, messages, cfg.decode_tokens),
+                                   lambda: native_decode(local, messages, cfg.decode_tokens))
+    # Neither model is freed (freeing talks to the worker): the process ends with os._exit.
+    return {"figures": {"decode_rpc_local_vs_cpu": {"value": over_rpc, "baseline": on_cpu}},
+            "facts": {"threads": local.n_threads}}
+
+
 GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "native": _native_group, "torch": _torch_group,
     "decode_native_side": _decode_native_side, "decode_transformers_side": _decode_transformers_side,
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
-    "serve": _serve_group,
+    "serve": _serve_group, "rpc": _rpc_group,
 }
 
 

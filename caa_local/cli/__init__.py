@@ -30,6 +30,7 @@ COMMANDS = {
     "analyze": ("caa_local.cli.analyze:analyze", "PCA, cosine and steerability analyses."),
     "bench": ("caa_local.cli.bench:bench", "Benchmarks: every speed claim as ratios from one run."),
     "serve": ("caa_local.cli.serve:serve", "OpenAI-compatible server with per-request steering, and a page."),
+    "rpc-worker": ("caa_local.cli.rpc:rpc_worker", "Lend this machine to a model split over llama.cpp RPC workers."),
 }
 
 
@@ -82,8 +83,29 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 # -- shared options ---------------------------------------------------------------------------
+RPC_KEY = "caa_local.rpc"  # where --rpc leaves its endpoints in the click context, for open_engine
+
+
+def _keep_rpc(ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> None:
+    ctx.meta[RPC_KEY] = value
+
+
+rpc_option = click.option(
+    "--rpc", multiple=True, expose_value=False, callback=_keep_rpc, metavar="HOST:PORT[,HOST:PORT...]",
+    help="llama.cpp RPC workers (caa-local rpc-worker, or llama.cpp's rpc-server) to offload layers to, "
+         "in order; every layer unless --gpu-layers says how many. Repeatable.")
+
+
+def rpc_endpoints() -> list[str]:
+    """The --rpc endpoints of the running command, checked for form (none outside a command)."""
+    from caa_local.engine.rpc import parse_endpoints
+
+    ctx = click.get_current_context(silent=True)
+    return parse_endpoints(ctx.meta.get(RPC_KEY, ()) if ctx else ())
+
+
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--model/--ctx/--threads/--gpu-layers, shared by every command that runs the engine."""
+    """--model/--ctx/--threads/--gpu-layers/--rpc, shared by every command that runs the engine."""
     options = [
         click.option("model_path", "--model", "-m", type=click.Path(dir_okay=False, path_type=Path),
                      default=None, help="GGUF model file (default: SmolLM2-135M-Instruct Q4_1)."),
@@ -93,6 +115,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="CPU threads (0, the default: all cores)."),
         click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
                      help="Layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
+        rpc_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -110,12 +133,16 @@ def warn(message: str) -> None:
 
 
 def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int):  # noqa: ANN201 - Engine, imported lazily
-    """The engine for --model/--ctx/--threads/--gpu-layers; warns when --ctx passes the training context."""
+    """The engine for --model/--ctx/--threads/--gpu-layers/--rpc; warns when --ctx passes the
+    training context."""
     if n_threads < 0:
         raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
     from caa_local.engine.engine import Engine
 
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers)
+    rpc = rpc_endpoints()
+    if rpc and n_gpu_layers == 0:
+        n_gpu_layers = -1  # --rpc alone: every layer goes to the workers
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, rpc=rpc)
     trained = engine.meta(f"{engine.architecture}.context_length")
     if trained.isdigit() and n_ctx > int(trained):
         warn(f"Warning: --ctx {n_ctx} is beyond the {int(trained)} tokens {engine.model_path.name} "

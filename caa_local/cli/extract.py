@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from caa_local.cli import rpc_option
 from caa_local.core.errors import CaaError
 
 
@@ -61,6 +62,7 @@ def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> Non
               help="CPU threads (0, the default: all cores; torch: its own default).")
 @click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
               help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp.")
+@rpc_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("run_calibrate", "--calibrate", is_flag=True,
               help="Then run a quick `caa-local calibrate` on the GGUF model (needs a .gguf --model or the default).")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
 
-from caa_local.cli import any_arch_option, load_vector_specs, model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import (any_arch_option, load_vector_specs, model_options, open_engine, rpc_endpoints, warn,
+                           warn_multipliers)
 from caa_local.core.errors import CaaError
 from caa_local.serve.config import LOOPBACK, host_name
 
@@ -51,16 +53,24 @@ POSITIONS = ("response", "all")
 @click.option("body_timeout", "--body-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds for a request body to arrive (408 after); also how long a response may wait "
                    "for a client that does not read.")
+@click.option("preset_flags", "--preset", multiple=True, metavar="NAME=VECTOR[:SCALE][@LAYERS][,...]",
+              help="A steering clients choose by model name (e.g. cheerful=sentiment:1.5@23); repeatable.")
+@click.option("presets_file", "--presets", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Presets file (.toml or .json); presets saved from the page are written there when writable.")
+@click.option("ollama_port", "--ollama-port", type=click.IntRange(1, 65535), default=None,
+              help="Also listen on this port (e.g. 11434, Ollama's) for clients that assume it.")
 @click.option("open_browser", "--open", is_flag=True, help="Open the steering page in the default browser.")
 @any_arch_option
 def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, host: str, port: int,
           slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
           positions: str, api_key: str | None, max_body: int, max_queue: int, allow_origins: tuple[str, ...],
-          allow_hosts: tuple[str, ...], max_connections: int, body_timeout: float, open_browser: bool,
-          any_arch: bool) -> None:
+          allow_hosts: tuple[str, ...], max_connections: int, body_timeout: float, preset_flags: tuple[str, ...],
+          presets_file: Path | None, ollama_port: int | None, open_browser: bool, any_arch: bool) -> None:
     """Serve the model over an OpenAI-compatible API, steered per request, with a page at /.
 
-    Requests may add "steering": [{"vector": "sentiment", "scale": -2, "layers": "23"}].
+    Requests may add "steering": [{"vector": "sentiment", "scale": -2, "layers": "23"}], or choose a
+    preset by model name ("model": "sentiment-neg"; GET /v1/models lists them). Ollama's API
+    (/api/chat, /api/generate, /api/tags, ...) is served on the same port.
 
     \b
     Example:
@@ -74,6 +84,14 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     if api_key is not None and not api_key.strip():
         raise CaaError("--api-key: expected a non-empty key")
     from caa_local.core.layers import parse_layer_spec
+    from caa_local.serve.presets import parse_preset_flag, read_presets_file
+
+    for flag in preset_flags:  # syntax errors before the model loads
+        parse_preset_flag(flag)
+    if presets_file is not None:
+        read_presets_file(presets_file)
+    if ollama_port is not None and ollama_port == port:
+        raise CaaError(f"--ollama-port {ollama_port}: the same as --port (the Ollama API is on --port too)")
 
     loaded = load_vector_specs(vectors)
     if layers:
@@ -84,6 +102,13 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
         warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
     if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
         n_threads = max(1, (os.cpu_count() or 1) // slots)
+    guard = None
+    if rpc := rpc_endpoints():
+        from caa_local.serve.supervise import RpcLossGuard, is_child, supervise
+
+        if not is_child():  # the model lives in a child this process restarts when a worker is lost
+            sys.exit(supervise(rpc, host, port, sys.argv[1:], warn))
+        guard = RpcLossGuard()
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
 
     from caa_local.serve.config import ServeConfig
@@ -96,8 +121,11 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
                          positions=positions, max_body_bytes=max_body, max_queue=max_queue,
                          allow_origins=origins, allow_hosts=tuple(host_name(h) for h in allow_hosts),
                          max_connections=max_connections, body_timeout=body_timeout,
-                         write_timeout=body_timeout)
+                         write_timeout=body_timeout,
+                         presets=preset_flags, presets_file=presets_file, ollama_port=ollama_port)
     app, pool, library = build(config, engine, defaults)
+    if guard is not None:
+        app = guard.wrap(app)
     for line in library.skipped:
         warn(f"Warning: vector skipped: {line}")
     run(config, app, pool, warn, open_browser)

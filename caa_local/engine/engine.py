@@ -41,6 +41,7 @@ from caa_local.core.steering import make_term as _plain_term
 from caa_local.core.templates import CHATML, ChatTemplate, Message, instruction_end
 from caa_local.core.vector import ControlVector
 from caa_local.engine import _native
+from caa_local.engine.rpc import connect as rpc_connect
 
 if TYPE_CHECKING:
     from caa_local.engine.scoring import ABScores, Choice, Setting
@@ -96,10 +97,12 @@ class Model:
     """A loaded GGUF: the weights, tokenizer, chat template and facts, shared by every context
     made on it (``model.context()``); load it once, open as many contexts as memory allows."""
 
-    def __init__(self, path: str | Path | None = None, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: str | Path | None = None, n_gpu_layers: int = 0, rpc: Sequence[str] = ()) -> None:
+        """``rpc``: host:port of llama.cpp RPC workers; ``n_gpu_layers`` offloads to them first."""
         self.path = resolve_gguf(path)
+        self.rpc = rpc_connect(rpc)
         try:
-            self.native = _native.Model(str(self.path), n_gpu_layers)
+            self.native = _native.Model(str(self.path), n_gpu_layers, self.rpc)
         except (ValueError, RuntimeError) as err:
             raise ModelLoadError(f"{self.path}: {err}") from None
         self.n_embd: int = self.native.n_embd
@@ -170,11 +173,13 @@ class Engine:
         n_threads: int = 0,
         n_gpu_layers: int = 0,
         n_batch: int = 512,
+        rpc: Sequence[str] = (),
     ) -> None:
         """A context on ``model``: a loaded ``Model`` (shared, no second load), or a GGUF path
-        or name to load (None: the default model)."""
+        or name to load (None: the default model) with ``n_gpu_layers`` and ``rpc`` as ``Model``
+        takes them."""
         check_sizes(n_ctx, n_threads)
-        self._model = model if isinstance(model, Model) else Model(model, n_gpu_layers)
+        self._model = model if isinstance(model, Model) else Model(model, n_gpu_layers, rpc)
         try:
             self._session = _native.Session(self._model.native, n_ctx, n_threads, n_batch)
         except (ValueError, RuntimeError) as err:

@@ -35,6 +35,8 @@ from caa_local.serve.guard import Guard
 from caa_local.serve.library import VectorLibrary
 from caa_local.serve.limits import parse_json
 from caa_local.serve.planning import Defaults, Plan, plan_request, steering_echo
+from caa_local.serve.presets import Preset, PresetBook
+from caa_local.serve.presets import mount as mount_presets
 from caa_local.serve.protocol import (ChatCompletionRequest, chunk_body, completion_body, finish_reason, new_id,
                                       now, usage)
 from caa_local.serve.slots import Lease, Outcome, QueueFullError, SlotPool
@@ -65,12 +67,13 @@ def install_guards(app: FastAPI, config: ServeConfig) -> None:
 
 
 def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: VectorLibrary,
-               defaults: Defaults = Defaults()) -> FastAPI:
+               defaults: Defaults = Defaults(), presets: PresetBook | None = None) -> FastAPI:
     app = FastAPI(title="caa-local", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     install_guards(app, config)
-    planner = ThreadPoolExecutor(PLANNERS, thread_name_prefix="caa-plan")
+    app.state.planner = ThreadPoolExecutor(PLANNERS, thread_name_prefix="caa-plan")
     model_id = config.model_id or engine.model_path.name
     n_ctx = min(slot.engine.n_ctx for slot in pool.slots)
+    book = presets or PresetBook.build(engine, library, config, defaults)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -92,12 +95,11 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
     async def _crash(_: Request, err: Exception) -> JSONResponse:
         return JSONResponse(internal_error(err), status_code=500)
 
-    async def off_loop(work: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(planner, work, *args)
-
-    def parse_and_plan(body: bytes) -> tuple[ChatCompletionRequest, Plan]:
+    def parse_and_plan(body: bytes) -> tuple[ChatCompletionRequest, Preset | None, Plan]:
         chat = parse_request(body)
-        return chat, plan_request(chat, engine, library, config, defaults, n_ctx)
+        preset = book.resolve(chat.model)  # a preset's steering and defaults, chosen by model name
+        chat = book.apply(preset, chat)
+        return chat, preset, plan_request(chat, engine, library, config, book.defaults(preset), n_ctx)
 
     # -- public: health and the page ---------------------------------------------------------
     @app.get("/health")
@@ -114,7 +116,11 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": 0, "owned_by": "caa-local",
             "architecture": engine.architecture, "n_layer": engine.n_layer, "n_embd": engine.n_embd,
-            "n_ctx": n_ctx, "slots": len(pool.slots)}]}
+            "n_ctx": n_ctx, "slots": len(pool.slots), "aliases": list(book.aliases)},
+            *({"id": p["id"], "object": "model", "created": 0, "owned_by": "caa-local", "parent": model_id,
+               "steering": p["steering"], "description": p["description"]} for p in book.describe())]}
+
+    mount_presets(app, book)
 
     @app.get("/v1/vectors")
     async def vectors() -> dict[str, Any]:
@@ -124,9 +130,9 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        chat, plan = await off_loop(parse_and_plan, await request.body())
+        chat, preset, plan = await off_loop(app, parse_and_plan, await request.body())
         lease = reserve(pool, plan)
-        meta = {"cid": new_id(), "created": now(), "model": chat.model or model_id,
+        meta = {"cid": new_id(), "created": now(), "model": preset.name if preset else (chat.model or model_id),
                 "steering": steering_echo(plan.terms), "positions": plan.positions}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -147,6 +153,12 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
             "steering_positions": plan.positions})
 
     return app
+
+
+async def off_loop(app: FastAPI, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on the app's planner threads: parsing, templates and tokenizing never run on
+    the event loop (every API the app serves plans through here)."""
+    return await asyncio.get_running_loop().run_in_executor(app.state.planner, work, *args)
 
 
 def reserve(pool: SlotPool, plan: Plan) -> Lease:

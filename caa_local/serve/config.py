@@ -30,6 +30,9 @@ class ServeConfig:
     write_timeout: float = 60.0  # seconds a response write may wait for a client that does not read
     max_connections: int = 64  # open connections (uvicorn's limit_concurrency); more get 503
     keep_alive: float = 5.0  # seconds an idle kept-alive connection stays open
+    presets: tuple[str, ...] = ()  # --preset NAME=VECTOR[:SCALE][@LAYERS],...
+    presets_file: Path | None = None  # --presets FILE (TOML or JSON); saved presets go there when writable
+    ollama_port: int | None = None  # a second port for Ollama's clients (the API is on --port too)
 
     @property
     def loopback_only(self) -> bool:

@@ -18,6 +18,7 @@ KINDS: dict[str, tuple[str, int]] = {
     "not_found": ("not_found_error", 404),
     "method_not_allowed": ("invalid_request_error", 405),
     "timeout": ("invalid_request_error", 408),
+    "conflict": ("invalid_request_error", 409),
     "too_large": ("invalid_request_error", 413),
     "unsupported_media_type": ("invalid_request_error", 415),
     "validation": ("invalid_request_error", 422),

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from caa_local.serve.errors import clip
-from caa_local.serve.limits import MAX_CONTENT_PARTS, MAX_LAYER_ITEMS, MAX_NAME_CHARS, MAX_STOPS
+from caa_local.serve.limits import MAX_CONTENT_PARTS, MAX_LAYER_ITEMS, MAX_NAME_CHARS
 
 log = logging.getLogger("caa_local.serve")
 
@@ -68,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    stop: Union[Name, Annotated[list[Name], Field(max_length=MAX_STOPS)], None] = None
+    stop: Union[Name, list[Name], None] = None  # how many: planning.stops_of (a 400 naming the limit)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=10, allow_inf_nan=False)

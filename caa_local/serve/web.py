@@ -15,7 +15,8 @@ from fastapi.responses import Response
 from caa_local.serve.errors import ApiError
 
 ASSETS = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-          "style.css": "text/css; charset=utf-8", "chart.js": "text/javascript; charset=utf-8"}
+          "style.css": "text/css; charset=utf-8", "chart.js": "text/javascript; charset=utf-8",
+          "presets.js": "text/javascript; charset=utf-8"}
 
 
 def load_assets() -> dict[str, tuple[bytes, str, str]]:

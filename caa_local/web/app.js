@@ -3,6 +3,7 @@
 // requests at once, unsteered and steered, each with its own AbortController, so two slots
 // answer side by side.
 import { drawCalibration } from "./chart.js";
+import { createPresets } from "./presets.js";
 
 const $ = (id) => document.getElementById(id);
 const state = {
@@ -83,6 +84,7 @@ async function connect() {
     $("key-button").hidden = !health.auth;
     if (health.auth && !state.key) { askKey("This server needs an API key."); return; }
     await loadLibrary();
+    await presets.load();
     showError("");
   } catch (err) {
     if (err instanceof ApiError && err.status) { showError(err.message); return; }
@@ -265,7 +267,7 @@ function answerNode(answer) {
 async function send(prompt) {
   showError("");
   const compare = $("compare").checked && state.active.length > 0;
-  const common = { model: "caa-local", stream: true, ...settings(), steering_positions: $("positions").value };
+  const common = { model: "default", stream: true, ...settings(), steering_positions: $("positions").value };
   const turn = { user: prompt, answers: [] };
   const kinds = compare ? ["unsteered", "steered"] : [state.active.length ? "steered" : "unsteered"];
   const row = el("div", { class: "answers" + (compare ? " compare" : "") });
@@ -323,5 +325,6 @@ $("key-dialog").addEventListener("close", () => {
   sessionStorage.setItem("caa-key", state.key);
   connect();
 });
+const presets = createPresets({ api, el, state, renderActive, settings, steeringBody, showError });
 setInterval(watchHealth, 3000);
 connect();
