@@ -117,6 +117,19 @@ def test_hostile_body_gets_a_4xx_naming_the_problem(server: ServerProcess, name:
     assert server.proc.poll() is None
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/presets"])
+@pytest.mark.parametrize("raw", [
+    b'{"model": "x", "messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b'{"model": "x", "prompt": "Hi", "options": {"num_predict": ' + b"9" * 5000 + b"}}",
+    b'{"model": "x", "messages": [{"role": "user", "content": "Hi \\ud800"}], "prompt": "\\udfff"}',
+], ids=["deep", "digits", "surrogate"])
+def test_the_other_post_endpoints_refuse_hostile_bodies_too(server: ServerProcess, path: str, raw: bytes) -> None:
+    response = httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert "error" in response.json() and len(response.content) < 2000
+    assert server.proc.poll() is None
+
+
 def test_health_answers_while_hostile_requests_are_planned_and_refused(server: ServerProcess) -> None:
     """Heavy refusals (a layer range of millions, a prompt far past the context) run off the event
     loop: /health keeps answering while they are in flight, within a bound far below their cost."""
