@@ -290,18 +290,29 @@ def test_finish_reason_and_usage() -> None:
                                "prompt_tokens_details": {"cached_tokens": 4}}
 
 
-def test_an_internal_error_answers_a_request_id_and_logs_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
-    from caa_local.serve.app import internal_error
+def test_an_internal_error_answers_a_request_id_and_logs_the_traceback() -> None:
+    import logging
 
+    from caa_local.serve.app import internal_error, log
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.addHandler(handler)
+    was_disabled, log.disabled = log.disabled, False  # another test's dictConfig may have disabled it
     try:
-        raise RuntimeError("secret path /home/me/model.gguf")
-    except RuntimeError as err:
-        body = internal_error(err)
+        try:
+            raise RuntimeError("secret path /home/me/model.gguf")
+        except RuntimeError as err:
+            body = internal_error(err)
+    finally:
+        log.removeHandler(handler)
+        log.disabled = was_disabled
     message = body["error"]["message"]
     assert body["error"]["type"] == "server_error" and body["error"]["code"] == "internal_error"
     assert "secret" not in message and "RuntimeError" not in message
     rid = message.split("request id ")[1].split(")")[0]
-    assert any(rid in r.getMessage() and r.exc_info for r in caplog.records)
+    assert any(rid in r.getMessage() and r.exc_info for r in records)
 
 
 def test_host_check_stays_on_for_a_public_bind_and_takes_allowed_names() -> None:
