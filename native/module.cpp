@@ -78,7 +78,9 @@ NB_MODULE(_native, m) {
         .def_prop_ro("n_vocab", &caa::Model::n_vocab)
         .def("meta", [](const caa::Model & s, const std::string & key) { return lenient_str(s.meta(key)); },
              "key"_a, "Model metadata value as a string, '' when absent.")
-        .def("tokenize", &caa::Model::tokenize, "text"_a, "add_special"_a = false, "parse_special"_a = true)
+        // Without the GIL: a server tokenizes a long prompt on a worker thread while its event loop runs.
+        .def("tokenize", &caa::Model::tokenize, "text"_a, "add_special"_a = false, "parse_special"_a = true,
+             nb::call_guard<nb::gil_scoped_release>())
         .def("token_to_piece",
              [](const caa::Model & s, llama_token t, bool special) {
                  const std::string piece = s.token_to_piece(t, special);

@@ -15,11 +15,14 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, pydantic) is not installed")
 
+from pydantic import ValidationError  # noqa: E402
+
 from caa_local.engine.engine import GenerationResult, Sampling  # noqa: E402
 from caa_local.serve.config import ServeConfig  # noqa: E402
 from caa_local.serve.errors import ApiError, error_body, validation_message  # noqa: E402
 from caa_local.serve.protocol import ChatCompletionRequest  # noqa: E402
-from caa_local.serve.slots import Outcome, Plan, SlotPool  # noqa: E402
+from caa_local.serve.planning import Plan  # noqa: E402
+from caa_local.serve.slots import Outcome, SlotPool  # noqa: E402
 from caa_local.serve.sse import StopFilter, frame  # noqa: E402
 
 
@@ -62,7 +65,7 @@ def test_error_body_shape_and_address_scrub() -> None:
 
 
 def test_validation_message_names_the_parameter() -> None:
-    with pytest.raises(Exception) as info:
+    with pytest.raises(ValidationError, match="steering.0.scale") as info:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
                                               "steering": [{"vector": "s", "scale": float("nan")}]})
     message, param = validation_message(info.value.errors())  # type: ignore[attr-defined]
@@ -73,9 +76,10 @@ def test_validation_message_names_the_parameter() -> None:
 def test_steering_items_forbid_unknown_keys_but_requests_allow_them() -> None:
     ok = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "foo": 1})
     assert ok.model_extra == {"foo": 1}
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="scael") as info:
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
                                               "steering": [{"vector": "s", "scale": 1, "scael": 2}]})
+    assert {tuple(e["loc"]) for e in info.value.errors()} >= {("steering", 0, "scael")}
 
 
 @pytest.mark.parametrize(("host", "allowed"), [
@@ -96,7 +100,7 @@ class Gate:
         self.order: list[str] = []
 
     def __call__(self, engine: Any, plan: Plan, on_piece: Any, should_stop: Any) -> GenerationResult:
-        tag = plan.messages[0]["content"]
+        tag = "".join(map(chr, plan.tokens))
         self.order.append(tag)
         gate = self.gates.setdefault(tag, threading.Event())
         on_piece(tag)
@@ -107,7 +111,7 @@ class Gate:
 
 
 def plan_of(tag: str) -> Plan:
-    return Plan([{"role": "user", "content": tag}], Sampling(), [], "response", [1, 2, 3])
+    return Plan(Sampling(), [], "response", [ord(c) for c in tag], 0)
 
 
 async def collect(pool: SlotPool, tag: str) -> Outcome:
@@ -145,7 +149,7 @@ def test_a_consumer_that_leaves_cancels_generation_and_frees_the_slot() -> None:
         gate = Gate()
         pool = SlotPool([object()], runner=gate)  # type: ignore[list-item]
         stream = pool.stream(plan_of("x"))
-        assert await stream.__anext__() == "x"
+        assert await stream.__anext__() == ["x"]
         await stream.aclose()  # as a disconnect does
         for _ in range(200):
             if pool.idle == 1:
@@ -187,5 +191,165 @@ def test_a_full_queue_refuses_more_waiters() -> None:
             gate.gates.setdefault(tag, threading.Event()).set()
         assert [o.text for o in await asyncio.gather(running, queued)] == ["a", "b"]
         pool.close()
+
+    asyncio.run(main())
+
+
+def test_max_queue_zero_serves_when_a_slot_is_free_and_refuses_when_none_is() -> None:
+    from caa_local.serve.slots import QueueFullError
+
+    async def main() -> None:
+        gate = Gate()
+        pool = SlotPool([object()], max_queue=0, runner=gate)  # type: ignore[list-item]
+        running = asyncio.create_task(collect(pool, "a"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError, match="--max-queue is 0"):
+            pool.reserve([1])
+        gate.gates["a"].set()
+        assert (await running).text == "a"
+        gate.gates["b"] = threading.Event()
+        gate.gates["b"].set()
+        assert (await collect(pool, "b")).text == "b"
+        pool.close()
+
+    asyncio.run(main())
+
+
+def test_a_place_no_stream_took_over_is_given_back() -> None:
+    async def main() -> None:
+        gate = Gate()
+        pool = SlotPool([object()], runner=gate)  # type: ignore[list-item]
+        held = pool.reserve([1])
+        queued = pool.reserve([1])
+        assert pool.idle == 0 and pool.waiting == 1
+        pool.abandon(queued)
+        assert pool.waiting == 0
+        pool.abandon(held)
+        pool.abandon(held)  # twice is harmless
+        assert pool.idle == 1
+        pool.close()
+
+    asyncio.run(main())
+
+
+# -- bounded parsing ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "code", "param"), [
+    (b"[" * 100_000 + b"]" * 100_000, "too_deep", None),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "too_deep", None),
+    (b'{"max_tokens": ' + b"9" * 5000 + b"}", "number_too_long", "max_tokens"),
+    (b'{"temperature": 0.' + b"1" * 5000 + b"}", "number_too_long", "temperature"),
+    (b"[" + b"1" * 60 + b"]", "number_too_long", None),
+    (b'{"messages": [{"role": "user", "content": "a\\\\ud800b"}]}', None, None),  # an escaped backslash: fine
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "invalid_text", "messages[0].content"),
+    (b'{"x\\udfff": 1}', "invalid_text", None),
+    (b'{"stop": [' + b",".join([b'"s"'] * 5000) + b"]}", "too_many_items", "stop"),
+    (b"{" + b",".join(b'"k%d": 1' % i for i in range(300)) + b"}", "too_many_keys", None),
+    (b"\xff\xfe", "invalid_json", None),
+])
+def test_parse_json_bounds_depth_digits_sizes_and_text(body: bytes, code: str | None, param: str | None) -> None:
+    from caa_local.serve.limits import parse_json
+
+    if code is None:
+        parse_json(body)
+        return
+    with pytest.raises(ApiError) as info:
+        parse_json(body)
+    assert (info.value.code, info.value.param, info.value.status) == (code, param, 400)
+    assert len(info.value.message) < 200
+
+
+def test_a_layer_range_is_checked_before_it_is_expanded() -> None:
+    from caa_local.core.errors import LayerRangeError
+    from caa_local.core.layers import parse_layer_spec
+
+    with pytest.raises(LayerRangeError, match="layer 3000000 is out of range"):
+        parse_layer_spec("1-3000000", 30)
+    with pytest.raises(LayerRangeError, match="bad layer spec"):
+        parse_layer_spec("1-" + "9" * 5000, 30)
+    with pytest.raises(LayerRangeError, match="beyond any model"):
+        parse_layer_spec("1-99999999")
+    assert parse_layer_spec("3-5, 9", 30) == [3, 4, 5, 9]
+
+
+def test_piece_frames_equal_whole_chunks() -> None:
+    from caa_local.serve.protocol import chunk_body
+    from caa_local.serve.sse import PieceFrames
+
+    model = 'm "\x00" \u2603'
+    frames = PieceFrames(lambda mark: chunk_body("id", 7, model, {"content": mark}))
+    pieces = ["a", ' "q" ', "\x00", "é☃", "\n"]
+    assert frames(pieces) == b"".join(frame(chunk_body("id", 7, model, {"content": p})) for p in pieces)
+
+
+def test_finish_reason_and_usage() -> None:
+    from caa_local.serve.protocol import finish_reason, usage
+
+    assert finish_reason("max_tokens", False) == "length" and finish_reason("context", False) == "length"
+    assert finish_reason("eog", False) == "stop" and finish_reason("max_tokens", True) == "stop"
+    assert usage(10, 3, 4) == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                               "prompt_tokens_details": {"cached_tokens": 4}}
+
+
+def test_an_internal_error_answers_a_request_id_and_logs_the_traceback() -> None:
+    import logging
+
+    from caa_local.serve.app import internal_error, log
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.addHandler(handler)
+    was_disabled, log.disabled = log.disabled, False  # another test's dictConfig may have disabled it
+    try:
+        try:
+            raise RuntimeError("secret path /home/me/model.gguf")
+        except RuntimeError as err:
+            body = internal_error(err)
+    finally:
+        log.removeHandler(handler)
+        log.disabled = was_disabled
+    message = body["error"]["message"]
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "internal_error"
+    assert "secret" not in message and "RuntimeError" not in message
+    rid = message.split("request id ")[1].split(")")[0]
+    assert any(rid in r.getMessage() and r.exc_info for r in records)
+
+
+def test_host_check_stays_on_for_a_public_bind_and_takes_allowed_names() -> None:
+    public = ServeConfig(host="0.0.0.0", allow_hosts=("my-box.lan",))
+    assert public.allowed_host("my-box.lan:8080") and public.allowed_host("localhost:8080")
+    assert not public.allowed_host("rebind.example:8080") and not public.allowed_host("192.168.1.5")
+    assert ServeConfig(host="192.168.1.5").allowed_host("192.168.1.5:8080")  # the bind address itself
+    assert ServeConfig(allow_hosts=("*",)).allowed_host("anything.example")
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    (b"application/json", True), (b"application/json; charset=utf-8", True), (b"Application/JSON", True),
+    (b"text/plain", False), (b"application/jsonx", False), (b"", False),
+])
+def test_only_json_bodies_pass(value: bytes, ok: bool) -> None:
+    from caa_local.serve.browser import is_json
+
+    assert is_json(value) is ok
+
+
+def test_a_write_that_waits_past_the_deadline_ends_the_response() -> None:
+    """The ASGI send of a client that never reads never returns; the real socket case needs more
+    answer than the kernel's buffers hold, so this drives BodyGuard with such a send directly."""
+    from caa_local.serve.body import BodyGuard
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def stuck_send(message: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def main() -> None:
+        guard = BodyGuard(app, ServeConfig(write_timeout=0.05))
+        with pytest.raises(ConnectionAbortedError, match="did not read"):
+            await asyncio.wait_for(guard({"type": "http", "method": "GET", "headers": []}, receive, stuck_send), 5)
 
     asyncio.run(main())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,27 @@ def warn_multipliers(multipliers: Any) -> None:
     for scale in dict.fromkeys(multipliers):
         if warning := multiplier_warning(scale):
             warn(warning)
+
+
+def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> list[tuple[str, Any, float]]:
+    """Read --vector NAME|FILE[:SCALE] options into (name, vector, scale), before any model loads."""
+    from caa_local.core.locate import load_vector
+    from caa_local.core.parsing import split_vector_spec
+    from caa_local.core.steering import check_multiplier
+
+    if multiplier is not None:
+        check_multiplier(multiplier)
+    loaded: list[tuple[str, Any, float]] = []
+    for spec in specs:
+        target, scale = split_vector_spec(spec)
+        path, vector = load_vector(target)
+        name = path.stem
+        if any(name == other for other, _, _ in loaded):
+            name = f"{name}-{len(loaded) + 1}"
+        if scale is None:
+            scale = multiplier if multiplier is not None else vector.recommended_multiplier() or 1.0
+        loaded.append((name, vector, scale))
+    return loaded
 
 
 def main(argv: list[str] | None = None) -> None:

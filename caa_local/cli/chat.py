@@ -16,7 +16,8 @@ from typing import Any
 
 import click
 
-from caa_local.cli import any_arch_option, clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import (any_arch_option, clamp_max_tokens, load_vector_specs, model_options, open_engine, warn,
+                           warn_multipliers)
 
 POSITIONS = ("response", "all")  # engine.POSITIONS, repeated to keep --help fast
 
@@ -55,27 +56,6 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         func = option(func)
     return func
-
-
-def load_vector_specs(specs: Sequence[str], multiplier: float | None = None) -> list[tuple[str, Any, float]]:
-    """Read --vector NAME|FILE[:SCALE] options into (name, vector, scale), before any model loads."""
-    from caa_local.core.locate import load_vector
-    from caa_local.core.parsing import split_vector_spec
-    from caa_local.core.steering import check_multiplier
-
-    if multiplier is not None:
-        check_multiplier(multiplier)
-    loaded: list[tuple[str, Any, float]] = []
-    for spec in specs:
-        target, scale = split_vector_spec(spec)
-        path, vector = load_vector(target)
-        name = path.stem
-        if any(name == other for other, _, _ in loaded):
-            name = f"{name}-{len(loaded) + 1}"
-        if scale is None:
-            scale = multiplier if multiplier is not None else vector.recommended_multiplier() or 1.0
-        loaded.append((name, vector, scale))
-    return loaded
 
 
 def steer_all(engine: Any, loaded: Sequence[tuple[str, Any, float]], layers: str | None = None,

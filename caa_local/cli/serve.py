@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
 import click
 
-from caa_local.cli import any_arch_option, model_options, open_engine, rpc_endpoints, warn, warn_multipliers
+from caa_local.cli import (any_arch_option, load_vector_specs, model_options, open_engine, rpc_endpoints, warn,
+                           warn_multipliers)
 from caa_local.core.errors import CaaError
+from caa_local.serve.config import LOOPBACK, host_name
 
 POSITIONS = ("response", "all")
 
@@ -38,7 +41,18 @@ POSITIONS = ("response", "all")
 @click.option("max_body", "--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
               help="Largest request body in bytes.")
 @click.option("max_queue", "--max-queue", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Requests that may wait for a slot; more get 503.")
+              help="Requests that may wait for a slot; more get 503 (0: no waiting line, 503 when every slot is busy).")
+@click.option("allow_origins", "--allow-origin", multiple=True, metavar="ORIGIN",
+              help="Another web origin whose pages may call the API (e.g. http://localhost:3000; '*': any), "
+                   "with CORS headers; repeatable. Other origins get 403.")
+@click.option("allow_hosts", "--allow-host", multiple=True, metavar="NAME",
+              help="A Host name served without --api-key besides loopback and the bind address "
+                   "(DNS-rebinding guard; '*': any); repeatable.")
+@click.option("max_connections", "--max-connections", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Open connections at once; more get 503.")
+@click.option("body_timeout", "--body-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds for a request body to arrive (408 after); also how long a response may wait "
+                   "for a client that does not read.")
 @click.option("preset_flags", "--preset", multiple=True, metavar="NAME=VECTOR[:SCALE][@LAYERS][,...]",
               help="A steering clients choose by model name (e.g. cheerful=sentiment:1.5@23); repeatable.")
 @click.option("presets_file", "--presets", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -49,7 +63,8 @@ POSITIONS = ("response", "all")
 @any_arch_option
 def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, host: str, port: int,
           slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
-          positions: str, api_key: str | None, max_body: int, max_queue: int, preset_flags: tuple[str, ...],
+          positions: str, api_key: str | None, max_body: int, max_queue: int, allow_origins: tuple[str, ...],
+          allow_hosts: tuple[str, ...], max_connections: int, body_timeout: float, preset_flags: tuple[str, ...],
           presets_file: Path | None, ollama_port: int | None, open_browser: bool, any_arch: bool) -> None:
     """Serve the model over an OpenAI-compatible API, steered per request, with a page at /.
 
@@ -60,15 +75,14 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     \b
     Example:
       caa-local serve --slots 2 --vector sentiment:2 --open
-      curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}],
-        "steering": [{"vector": "sentiment", "scale": -2}]}'
+      curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hi"}], "steering": [{"vector": "sentiment", "scale": -2}]}'
     """
     missing = [m for m in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(m) is None]
     if missing:
         raise CaaError(f"caa-local serve needs {', '.join(missing)}: pip install 'caa-local[serve]'")
     if api_key is not None and not api_key.strip():
         raise CaaError("--api-key: expected a non-empty key")
-    from caa_local.cli.chat import load_vector_specs
     from caa_local.core.layers import parse_layer_spec
     from caa_local.serve.presets import parse_preset_flag, read_presets_file
 
@@ -83,7 +97,8 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     if layers:
         parse_layer_spec(layers)  # syntax errors before the model loads
     warn_multipliers(scale for _, _, scale in loaded)
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    origins = tuple(check_origin(o) for o in allow_origins)
+    if host not in LOOPBACK and not api_key:
         warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
     if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
         n_threads = max(1, (os.cpu_count() or 1) // slots)
@@ -104,6 +119,9 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=any_arch), positions)
     config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
                          positions=positions, max_body_bytes=max_body, max_queue=max_queue,
+                         allow_origins=origins, allow_hosts=tuple(host_name(h) for h in allow_hosts),
+                         max_connections=max_connections, body_timeout=body_timeout,
+                         write_timeout=body_timeout,
                          presets=preset_flags, presets_file=presets_file, ollama_port=ollama_port)
     app, pool, library = build(config, engine, defaults)
     if guard is not None:
@@ -111,3 +129,11 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     for line in library.skipped:
         warn(f"Warning: vector skipped: {line}")
     run(config, app, pool, warn, open_browser)
+
+
+def check_origin(origin: str) -> str:
+    """An --allow-origin value: '*' or scheme://host[:port], as browsers send it."""
+    text = origin.strip().rstrip("/")
+    if text == "*" or re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s?#]+", text):  # also app:// and the like
+        return text
+    raise CaaError(f"--allow-origin {origin!r}: expected scheme://host[:port] (e.g. http://localhost:3000) or '*'")

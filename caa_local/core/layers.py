@@ -62,32 +62,40 @@ def check_steerable(layer: int, n_layer: int, what: str = "layer") -> int:
     return layer
 
 
+MAX_LAYER = 999_999  # the largest index a GGUF tensor name can carry (see _TENSOR_RE)
+
+
 def parse_layer_spec(spec: str, n_layer: int | None = None) -> list[int]:
     """Parse '13', '10-15', '4,8,12-14' or 'all' into a sorted list of layers.
 
-    With ``n_layer`` given, every layer is checked against the model.
+    With ``n_layer`` given, every bound is checked against the model before a range is
+    expanded, so no spec costs more than the model's layers; without it, bounds above
+    MAX_LAYER are refused.
     """
     text = spec.strip().lower()
     if text == "all":
         if n_layer is None:
             raise LayerRangeError("layer spec 'all' needs the model's layer count")
         return list(steerable_range(n_layer))
+    shown = spec if len(spec) <= 40 else spec[:40] + "..."
     layers: set[int] = set()
     for part in text.split(","):
         part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        match = re.fullmatch(r"(\d{1,12})(?:\s*-\s*(\d{1,12}))?", part)
         if not match:
             raise LayerRangeError(
-                f"bad layer spec {spec!r}: expected e.g. '13', '10-15', '4,8,12-14' or 'all'"
+                f"bad layer spec {shown!r}: expected e.g. '13', '10-15', '4,8,12-14' or 'all'"
             )
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) else lo
         if hi < lo:
-            raise LayerRangeError(f"bad layer spec {spec!r}: range {lo}-{hi} is empty")
+            raise LayerRangeError(f"bad layer spec {shown!r}: range {lo}-{hi} is empty")
+        for bound in (lo, hi):
+            if n_layer is not None:
+                check_steerable(bound, n_layer)
+            elif bound > MAX_LAYER:
+                raise LayerRangeError(f"bad layer spec {shown!r}: layer {bound} is beyond any model")
         layers.update(range(lo, hi + 1))
-    if n_layer is not None:
-        for layer in layers:
-            check_steerable(layer, n_layer)
     return sorted(layers)
 
 

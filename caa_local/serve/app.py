@@ -1,17 +1,20 @@
-"""The ASGI app: `create_app(...)` wires the guard, the routes and the error handlers.
+"""The ASGI app: `create_app(...)` wires the guards, the routes and the error handlers.
 
 The factory takes its engine, slot pool and vector library from outside, so the CLI and the
-tests build it the same way. /health and /v1/models never touch a slot or the queue.
+tests build it the same way. /health and /v1/models never touch a slot or the queue. A chat
+request is parsed and planned on a worker thread (JSON, template, tokenizer: never on the
+event loop), takes its place (slot or queue) before any status is sent, then runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,28 +25,52 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from caa_local import __version__
 from caa_local.core.errors import CaaError
 from caa_local.engine.engine import Engine
+from caa_local.engine.engine import ContextFullError
 from caa_local.serve import sse, web
+from caa_local.serve.body import BodyGuard
+from caa_local.serve.browser import BrowserGuard
 from caa_local.serve.config import ServeConfig
 from caa_local.serve.errors import ApiError, error_body, status_kind, validation_message
 from caa_local.serve.guard import Guard
 from caa_local.serve.library import VectorLibrary
-from caa_local.serve.planning import Defaults, plan_request, steering_echo
-from caa_local.serve.presets import PresetBook
+from caa_local.serve.limits import parse_json
+from caa_local.serve.planning import Defaults, Plan, plan_request, steering_echo
+from caa_local.serve.presets import Preset, PresetBook
 from caa_local.serve.presets import mount as mount_presets
-from caa_local.serve.protocol import ChatCompletionRequest, chunk_body, completion_body, new_id, now
-from caa_local.serve.slots import Outcome, Plan, QueueFullError, SlotPool, finish_reason, usage
+from caa_local.serve.protocol import (ChatCompletionRequest, chunk_body, completion_body, finish_reason, new_id,
+                                      now, usage)
+from caa_local.serve.slots import Lease, Outcome, QueueFullError, SlotPool
 
 log = logging.getLogger("caa_local.serve")
+T = TypeVar("T")
+PLANNERS = 2  # worker threads that parse and plan requests (the tokenizer runs without the GIL)
 
 
 def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
+def internal_error(err: BaseException) -> dict[str, Any]:
+    """The body for a failure of ours: a request id to find the logged traceback, never its text."""
+    rid = uuid.uuid4().hex[:12]
+    log.error("internal error, request id %s", rid, exc_info=err)
+    return error_body(f"internal error (request id {rid}); the server log has the details", "server", None,
+                      "internal_error")
+
+
+def install_guards(app: FastAPI, config: ServeConfig) -> None:
+    """The layers a request passes, outermost (added last) first: browsers (Origin, CORS, content
+    type), then Host and key, then the body (size, deadline)."""
+    app.add_middleware(BodyGuard, config=config)
+    app.add_middleware(Guard, config=config)
+    app.add_middleware(BrowserGuard, config=config)
+
+
 def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: VectorLibrary,
                defaults: Defaults = Defaults(), presets: PresetBook | None = None) -> FastAPI:
     app = FastAPI(title="caa-local", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, config=config)
+    install_guards(app, config)
+    app.state.planner = ThreadPoolExecutor(PLANNERS, thread_name_prefix="caa-plan")
     model_id = config.model_id or engine.model_path.name
     n_ctx = min(slot.engine.n_ctx for slot in pool.slots)
     book = presets or PresetBook.build(engine, library, config, defaults)
@@ -66,8 +93,13 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse(error_body(f"internal error: {type(err).__name__}: {err}", "server"), status_code=500)
+        return JSONResponse(internal_error(err), status_code=500)
+
+    def parse_and_plan(body: bytes) -> tuple[ChatCompletionRequest, Preset | None, Plan]:
+        chat = parse_request(body)
+        preset = book.resolve(chat.model)  # a preset's steering and defaults, chosen by model name
+        chat = book.apply(preset, chat)
+        return chat, preset, plan_request(chat, engine, library, config, book.defaults(preset), n_ctx)
 
     # -- public: health and the page ---------------------------------------------------------
     @app.get("/health")
@@ -98,35 +130,65 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        chat = parse_request(await request.body())
-        preset = book.resolve(chat.model)  # a preset's steering and defaults, chosen by model name
-        chat = book.apply(preset, chat)
-        plan = plan_request(chat, engine, library, config, book.defaults(preset), n_ctx)
-        if pool.waiting >= pool.max_queue:
-            raise ApiError(f"server busy: {pool.waiting} requests are waiting for a slot; retry later",
-                           "unavailable", None, "queue_full")
+        chat, preset, plan = await off_loop(app, parse_and_plan, await request.body())
+        lease = reserve(pool, plan)
         meta = {"cid": new_id(), "created": now(), "model": preset.name if preset else (chat.model or model_id),
                 "steering": steering_echo(plan.terms), "positions": plan.positions}
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(stream_frames(pool, plan, meta, include_usage),
-                                     media_type="text/event-stream", headers=sse.HEADERS)
-        outcome = await run_until_disconnect(pool, plan, request)
+            return LeasedStream(pool, lease, stream_frames(pool, plan, lease, meta, include_usage),
+                                media_type="text/event-stream", headers=sse.HEADERS)
+        try:
+            outcome = await run_until_disconnect(pool, plan, lease, request)
+        finally:
+            pool.abandon(lease)
         if outcome is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
+        result = outcome.result
         return JSONResponse({
-            **completion_body(meta["cid"], meta["created"], meta["model"], outcome.text, finish_reason(outcome),
-                              usage(outcome), meta["steering"]),
+            **completion_body(meta["cid"], meta["created"], meta["model"], outcome.text,
+                              finish_reason(result.stop_reason, outcome.stopped_by_string),
+                              usage(result.n_prompt_tokens, len(result.tokens), result.n_reused_tokens),
+                              meta["steering"]),
             "steering_positions": plan.positions})
 
     return app
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
+async def off_loop(app: FastAPI, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on the app's planner threads: parsing, templates and tokenizing never run on
+    the event loop (every API the app serves plans through here)."""
+    return await asyncio.get_running_loop().run_in_executor(app.state.planner, work, *args)
+
+
+def reserve(pool: SlotPool, plan: Plan) -> Lease:
+    """The request's place (a slot, or one in the queue), or 503 queue_full as a status."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(f"request body is not valid JSON: {err}", "invalid_request", None, "invalid_json") from None
+        return pool.reserve(plan.tokens)
+    except QueueFullError as err:
+        raise ApiError(f"server busy: {err}; retry later", "unavailable", None, "queue_full") from None
+
+
+class LeasedStream(StreamingResponse):
+    """A stream holding a place in the pool: the place goes back however the response ends,
+    even when the client left before the body started."""
+
+    def __init__(self, pool: SlotPool, lease: Lease, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.pool = pool
+        self.lease = lease
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.pool.abandon(self.lease)
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    data = parse_json(body)
     if not isinstance(data, dict):
         raise ApiError(f"request body must be a JSON object, got {type(data).__name__}", "invalid_request",
                        None, "invalid_json")
@@ -137,8 +199,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise ApiError(message, "validation", param) from None
 
 
-async def _collect(pool: SlotPool, plan: Plan) -> Outcome:
-    async with contextlib.aclosing(pool.stream(plan)) as events:
+async def _collect(pool: SlotPool, plan: Plan, lease: Lease) -> Outcome:
+    async with contextlib.aclosing(pool.stream(plan, lease)) as events:
         async for event in events:
             if isinstance(event, Outcome):
                 return event
@@ -150,9 +212,18 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def run_until_disconnect(pool: SlotPool, plan: Plan, request: Request) -> Outcome | None:
+def generation_error(err: Exception) -> ApiError | None:
+    """The client's error for an engine refusal (None: a failure of ours)."""
+    if isinstance(err, ContextFullError):
+        return ApiError(f"messages: {err}", "context_length", "messages", "context_length_exceeded")
+    if isinstance(err, CaaError):
+        return ApiError(f"generation failed: {err}", "invalid_request")
+    return None
+
+
+async def run_until_disconnect(pool: SlotPool, plan: Plan, lease: Lease, request: Request) -> Outcome | None:
     """The whole answer, or None when the client left first (its generation is then cancelled)."""
-    work = asyncio.ensure_future(_collect(pool, plan))
+    work = asyncio.ensure_future(_collect(pool, plan, lease))
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -165,30 +236,34 @@ async def run_until_disconnect(pool: SlotPool, plan: Plan, request: Request) -> 
         return None
     try:
         return work.result()
-    except QueueFullError as err:
-        raise ApiError(f"server busy: {err}; retry later", "unavailable", None, "queue_full") from None
-    except CaaError as err:  # the engine refused the request (e.g. the context filled)
-        raise ApiError(f"generation failed: {err}", "invalid_request") from None
+    except Exception as err:
+        client = generation_error(err)
+        if client is None:
+            raise
+        raise client from None
 
 
-async def stream_frames(pool: SlotPool, plan: Plan, meta: dict[str, Any], include_usage: bool
+async def stream_frames(pool: SlotPool, plan: Plan, lease: Lease, meta: dict[str, Any], include_usage: bool
                         ) -> AsyncIterator[bytes]:
     cid, created, model = meta["cid"], meta["created"], meta["model"]
     yield sse.frame(chunk_body(cid, created, model, {"role": "assistant", "content": None},
                                steering=meta["steering"], steering_positions=meta["positions"]))
+    pieces = sse.PieceFrames(lambda mark: chunk_body(cid, created, model, {"content": mark}))
     try:
-        async with contextlib.aclosing(pool.stream(plan)) as events:
+        async with contextlib.aclosing(pool.stream(plan, lease)) as events:
             async for event in events:
                 if isinstance(event, Outcome):
-                    yield sse.frame(chunk_body(cid, created, model, {}, finish_reason(event)))
+                    result = event.result
+                    yield sse.frame(chunk_body(cid, created, model, {},
+                                               finish_reason(result.stop_reason, event.stopped_by_string)))
                     if include_usage:
                         yield sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                         "model": model, "choices": [], "usage": usage(event)})
+                                         "model": model, "choices": [],
+                                         "usage": usage(result.n_prompt_tokens, len(result.tokens),
+                                                        result.n_reused_tokens)})
                 else:
-                    yield sse.frame(chunk_body(cid, created, model, {"content": event}))
-    except QueueFullError as err:
-        yield sse.frame(error_body(f"server busy: {err}; retry later", "unavailable", None, "queue_full"))
-    except Exception as err:  # noqa: BLE001 - the client gets the error as a frame, not a cut stream
-        log.exception("generation failed")
-        yield sse.frame(error_body(f"generation failed: {type(err).__name__}: {err}", "server"))
+                    yield pieces(event)
+    except Exception as err:  # noqa: BLE001 - the status is sent: the client gets the error as a frame
+        client = generation_error(err)
+        yield sse.frame(client.body() if client else internal_error(err))
     yield sse.DONE

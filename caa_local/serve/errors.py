@@ -17,8 +17,10 @@ KINDS: dict[str, tuple[str, int]] = {
     "permission": ("permission_error", 403),
     "not_found": ("not_found_error", 404),
     "method_not_allowed": ("invalid_request_error", 405),
+    "timeout": ("invalid_request_error", 408),
     "conflict": ("invalid_request_error", 409),
     "too_large": ("invalid_request_error", 413),
+    "unsupported_media_type": ("invalid_request_error", 415),
     "validation": ("invalid_request_error", 422),
     "not_implemented": ("not_implemented_error", 501),
     "unavailable": ("unavailable_error", 503),
@@ -57,6 +59,11 @@ def error_body(message: str, kind: str = "invalid_request", param: str | None = 
                       "param": param, "code": code}}
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """``text`` for an error message: never more than ``limit`` characters of what a client sent."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def status_kind(status: int) -> str:
     """The kind for a bare HTTP status (framework errors carry only the status)."""
     for kind, (_, code) in KINDS.items():
@@ -72,10 +79,11 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     first = errors[0]
     # Union members appear in the path as type tags ("str", "list[TextPart]"); a client needs the field.
     loc = [str(part) for part in first.get("loc", ()) if part != "body" and str(part) not in _TYPE_TAGS
-           and "[" not in str(part)]
+           and "[" not in str(part) and not str(part).startswith("constrained-")]
     param = ""
     for part in loc:
         param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
+    param = clip(param)
     message = str(first.get("msg", "invalid value"))
     if "input" in first and first.get("type") != "missing":
         shown = repr(first["input"])

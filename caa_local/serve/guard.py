@@ -1,9 +1,9 @@
-"""The guard in front of every route: Host check, API key, body size (a plain ASGI middleware).
+"""The guard in front of every route: Host check and API key (a plain ASGI middleware).
 
-Order as in llama.cpp's server: DNS-rebinding Host check (only without a key on a loopback
-bind), then the key (``Authorization: Bearer KEY`` or ``X-Api-Key``, compared in constant time)
-for all but the public set (/health and the page's static files), then the body, counted as it
-arrives and refused with 413 past the limit, whatever Content-Length claimed.
+Order as in llama.cpp's server: DNS-rebinding Host check (whenever there is no key), then the
+key (``Authorization: Bearer KEY`` or ``X-Api-Key``, compared in constant time) for all but the
+public set (/health and the page's static files). The layers around it: browser.py (Origin,
+CORS, content type) outside, body.py (size and deadline of the body) inside.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from typing import Any, Callable, Awaitable
 
 from caa_local.serve.config import ServeConfig
-from caa_local.serve.errors import error_body
+from caa_local.serve.errors import clip, error_body
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -58,7 +58,8 @@ class Guard:
         host = headers.get(b"host", b"").decode("latin-1")
         if not self.config.allowed_host(host):
             await send_error(send, 403, error_body(
-                f"Host {host!r} is not a loopback name; start the server with --api-key to serve other hosts",
+                f"Host {clip(host)!r} is not a name of this server; start it with --allow-host NAME "
+                "(or --api-key) to serve other names",
                 "permission", None, "bad_host"))
             return
         if self.key is not None and not is_public(path) and scope.get("method") != "OPTIONS" \
@@ -69,38 +70,4 @@ class Guard:
             await send_error(send, 401, error_body(message, "authentication", None, "invalid_api_key"),
                              [(b"www-authenticate", b"Bearer")])
             return
-        limit = self.config.max_body_bytes
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            await send_error(send, 413, _too_large(int(declared), limit))
-            return
-        if scope.get("method") in ("POST", "PUT", "PATCH"):
-            body = bytearray()
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body += message.get("body", b"")
-                if len(body) > limit:
-                    await send_error(send, 413, _too_large(len(body), limit, at_least=True))
-                    return
-                if not message.get("more_body", False):
-                    break
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": bytes(body), "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send)
-            return
         await self.app(scope, receive, send)
-
-
-def _too_large(size: int, limit: int, at_least: bool = False) -> dict[str, Any]:
-    got = f"more than {limit}" if at_least else str(size)
-    return error_body(f"request body too large: {got} bytes, the limit is {limit} bytes", "too_large", None,
-                      "body_too_large")

@@ -22,17 +22,20 @@ from typing import Any
 
 import gguf
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from caa_local import __version__
 from caa_local.engine.engine import Engine
-from caa_local.serve.app import parse_request, run_until_disconnect
+from caa_local.serve.app import (LeasedStream, generation_error, internal_error, off_loop, parse_request, reserve,
+                                 run_until_disconnect)
 from caa_local.serve.config import ServeConfig
 from caa_local.serve.errors import ApiError, validation_message
-from caa_local.serve.planning import plan_request, steering_echo
+from caa_local.serve.limits import parse_json
+from caa_local.serve.planning import Plan, plan_request, steering_echo
 from caa_local.serve.presets import TAG, Preset, PresetBook
-from caa_local.serve.slots import Outcome, Plan, QueueFullError, SlotPool, finish_reason
+from caa_local.serve.protocol import finish_reason
+from caa_local.serve.slots import Lease, Outcome, SlotPool
 
 log = logging.getLogger("caa_local.serve")
 
@@ -99,10 +102,7 @@ def timestamp() -> str:
 
 
 def parse_body(raw: bytes, shape: type[OllamaRequest]) -> Any:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(f"request body is not valid JSON: {err}", "invalid_request", None, "invalid_json") from None
+    data = parse_json(raw)
     if not isinstance(data, dict):
         raise ApiError(f"request body must be a JSON object, got {type(data).__name__}", "invalid_request", None,
                        "invalid_json")
@@ -300,20 +300,26 @@ def mount(app: FastAPI, config: ServeConfig, engine: Engine, pool: SlotPool, boo
         preset = book.resolve(body.model)
         fields, option_names, ctx = options_fields(body, n_ctx)
         names = {**names, **option_names}
-        try:
-            chat = parse_request(json.dumps({"model": body.model, "messages": messages, **fields}).encode())
-            chat = book.apply(preset, chat)
-            plan = plan_request(chat, engine, book.library, config, book.defaults(preset), ctx)
-        except ApiError as err:
-            raise renamed(err, names) from None
-        if pool.waiting >= pool.max_queue:
-            raise ApiError(f"server busy: {pool.waiting} requests are waiting for a slot; retry later",
-                           "unavailable", None, "queue_full")
+
+        def make_plan() -> Plan:
+            try:
+                chat = parse_request(json.dumps({"model": body.model, "messages": messages, **fields}).encode())
+                chat = book.apply(preset, chat)
+                return plan_request(chat, engine, book.library, config, book.defaults(preset), ctx)
+            except ApiError as err:
+                raise renamed(err, names) from None
+
+        plan = await off_loop(app, make_plan)
+        lease = reserve(pool, plan)
         model = body.model or book.model_id
         echo = steering_echo(plan.terms)
         if body.stream:
-            return StreamingResponse(ndjson(pool, plan, model, kind, started, echo), media_type=NDJSON)
-        outcome = await run_until_disconnect(pool, plan, request)
+            return LeasedStream(pool, lease, ndjson(pool, plan, lease, model, kind, started, echo),
+                                media_type=NDJSON)
+        try:
+            outcome = await run_until_disconnect(pool, plan, lease, request)
+        finally:
+            pool.abandon(lease)
         if outcome is None:
             return Response(status_code=499)
         return JSONResponse({**piece_body(model, kind, outcome.text),
@@ -322,7 +328,7 @@ def mount(app: FastAPI, config: ServeConfig, engine: Engine, pool: SlotPool, boo
     @app.post("/api/chat")
     async def chat(request: Request) -> Response:
         started = time.perf_counter_ns()
-        body = parse_body(await request.body(), OllamaChat)
+        body = await off_loop(app, parse_body, await request.body(), OllamaChat)
         book.resolve(body.model)
         refuse_unsupported(body, body.messages)
         if not body.messages:  # Ollama's "load the model" request: it is loaded
@@ -334,7 +340,7 @@ def mount(app: FastAPI, config: ServeConfig, engine: Engine, pool: SlotPool, boo
     @app.post("/api/generate")
     async def generate(request: Request) -> Response:
         started = time.perf_counter_ns()
-        body = parse_body(await request.body(), OllamaGenerate)
+        body = await off_loop(app, parse_body, await request.body(), OllamaGenerate)
         book.resolve(body.model)
         refuse_unsupported(body, [])
         for field, bad in (("images", bool(body.images)), ("raw", body.raw), ("template", bool(body.template)),
@@ -359,7 +365,8 @@ def piece_body(model: str, kind: str, text: str) -> dict[str, Any]:
 
 def final_fields(outcome: Outcome, started: int) -> dict[str, Any]:
     result = outcome.result
-    return {"done": True, "done_reason": finish_reason(outcome), "total_duration": time.perf_counter_ns() - started,
+    return {"done": True, "done_reason": finish_reason(result.stop_reason, outcome.stopped_by_string),
+            "total_duration": time.perf_counter_ns() - started,
             "load_duration": 0, "prompt_eval_count": result.n_prompt_tokens,
             "prompt_eval_duration": int(result.prompt_seconds * 1e9), "eval_count": len(result.tokens),
             "eval_duration": int(result.decode_seconds * 1e9)}
@@ -369,17 +376,15 @@ def line(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
 
-async def ndjson(pool: SlotPool, plan: Plan, model: str, kind: str, started: int, echo: list[dict[str, Any]]
-                 ) -> AsyncIterator[bytes]:
+async def ndjson(pool: SlotPool, plan: Plan, lease: Lease, model: str, kind: str, started: int,
+                 echo: list[dict[str, Any]]) -> AsyncIterator[bytes]:
     try:
-        async with contextlib.aclosing(pool.stream(plan)) as events:
+        async with contextlib.aclosing(pool.stream(plan, lease)) as events:
             async for event in events:
                 if isinstance(event, Outcome):
                     yield line({**piece_body(model, kind, ""), **final_fields(event, started), "steering": echo})
                 else:
-                    yield line(piece_body(model, kind, event))
-    except QueueFullError as err:
-        yield line({"error": f"server busy: {err}; retry later"})
-    except Exception as err:  # noqa: BLE001 - the client gets the error as a line, not a cut stream
-        log.exception("generation failed")
-        yield line({"error": f"generation failed: {type(err).__name__}: {err}"})
+                    yield b"".join(line(piece_body(model, kind, piece)) for piece in event)
+    except Exception as err:  # noqa: BLE001 - the status is sent: the client gets the error as a line
+        client = generation_error(err)
+        yield line({"error": (client.body() if client else internal_error(err))["error"]["message"]})

@@ -1,7 +1,10 @@
-"""Turn a parsed request into a Plan: steering terms, sampling, prompt tokens, all checked.
+"""Turn a request into a Plan: steering terms, sampling, the prompt's tokens, all checked.
 
 Everything a request can get wrong is found here, before it queues for a slot, and raised as
-one ApiError naming the parameter (``steering[1].layers``, ``max_tokens``, ...).
+one ApiError naming the parameter (``steering[1].layers``, ``max_tokens``, ...). ``plan`` takes
+plain values (an ``Ask``), so every API the server speaks plans the same way; the prompt is
+rendered and tokenized here once, and its tokens travel with the Plan to the slot. Planning is
+CPU work (template, tokenizer): the app runs it on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -10,19 +13,50 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers, parse_layer_spec
 from caa_local.core.steering import SteeringTerm, default_layers
+from caa_local.core.templates import Message
 from caa_local.engine.engine import Engine, Sampling
 from caa_local.serve.config import ServeConfig
 from caa_local.serve.errors import ApiError
 from caa_local.serve.library import VectorLibrary
+from caa_local.serve.limits import MAX_STOPS
 from caa_local.serve.protocol import ChatCompletionRequest, SteeringItem
-from caa_local.serve.slots import Plan
 
 DEFAULT_SAMPLING = Sampling()  # top_k / min_p defaults when a request sets none
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One validated request, in native types: what a slot's worker thread needs."""
+
+    sampling: Sampling
+    terms: list[SteeringTerm]
+    positions: str
+    tokens: list[int]  # the rendered, tokenized prompt
+    steer_from: int  # positions before this one are decoded unsteered
+    stops: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A request's plain values, whichever API it came through (None: the server's default)."""
+
+    messages: list[Message]
+    steering: Optional[Sequence[SteeringItem]] = None
+    positions: Optional[str] = None
+    stops: Sequence[str] = ()
+    max_tokens: Optional[int] = None
+    max_tokens_param: str = "max_tokens"  # how the API names it, for errors
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+    seed: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +109,7 @@ def make_terms(engine: Engine, library: VectorLibrary, items: Sequence[SteeringI
     return terms
 
 
-def messages_of(request: ChatCompletionRequest, config: ServeConfig) -> list[dict[str, str]]:
-    if len(request.messages) > config.max_messages:
-        raise ApiError(f"messages: at most {config.max_messages} messages, got {len(request.messages)}",
-                       "invalid_request", "messages")
+def messages_of(request: ChatCompletionRequest) -> list[dict[str, str]]:
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
 
 
@@ -96,45 +127,61 @@ def refuse_unsupported(request: ChatCompletionRequest) -> None:
                            "invalid_request", name)
 
 
-def stops_of(request: ChatCompletionRequest) -> tuple[str, ...]:
-    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-    if len(stops) > 4:
-        raise ApiError(f"stop: at most 4 stop strings, got {len(stops)}", "invalid_request", "stop")
+def stops_of(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise ApiError(f"stop: at most {MAX_STOPS} stop strings, got {len(stops)}", "invalid_request", "stop")
     return tuple(s for s in stops if s)
 
 
-def plan_request(request: ChatCompletionRequest, engine: Engine, library: VectorLibrary, config: ServeConfig,
-                 defaults: Defaults, n_ctx: int) -> Plan:
+def ask_of(request: ChatCompletionRequest) -> Ask:
+    """The plain values of an OpenAI chat request (refusing the fields we cannot honour)."""
     refuse_unsupported(request)
-    messages = messages_of(request, config)
-    stops = stops_of(request)
-    if request.steering is None:
+    return Ask(
+        messages=messages_of(request), steering=request.steering, positions=request.steering_positions,
+        stops=stops_of(request.stop), max_tokens=request.max_completion_tokens or request.max_tokens,
+        max_tokens_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
+        repeat_penalty=request.repeat_penalty, seed=request.seed)
+
+
+def plan(ask: Ask, engine: Engine, library: VectorLibrary, config: ServeConfig, defaults: Defaults,
+         n_ctx: int) -> Plan:
+    """Check everything in ``ask`` against the model and the server's limits; render and tokenize once."""
+    if len(ask.messages) > config.max_messages:
+        raise ApiError(f"messages: at most {config.max_messages} messages, got {len(ask.messages)}",
+                       "invalid_request", "messages")
+    if ask.steering is None:
         terms, positions = list(defaults.terms), defaults.positions
     else:
-        terms, positions = make_terms(engine, library, request.steering, config), config.positions
-    positions = request.steering_positions or positions
+        terms, positions = make_terms(engine, library, ask.steering, config), config.positions
+    positions = ask.positions or positions
     try:
-        tokens, _ = engine.prompt(messages, positions=positions)
+        tokens, steer_from = engine.prompt(ask.messages, positions=positions)
     except CaaError as err:
         raise ApiError(f"messages: {err}", "invalid_request", "messages") from None
     room = n_ctx - len(tokens)
+    asked = ask.max_tokens
     if room < 1:
         raise ApiError(f"messages: the prompt is {len(tokens)} tokens, the context holds {n_ctx} "
                        "(start the server with a larger --ctx)", "context_length", "messages",
                        "context_length_exceeded")
-    asked = request.max_completion_tokens or request.max_tokens
     if asked is not None and asked > room:
-        param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-        raise ApiError(f"{param}: {asked} tokens do not fit: the prompt is {len(tokens)} tokens and the "
-                       f"context holds {n_ctx} (at most {room})", "context_length", param,
+        raise ApiError(f"{ask.max_tokens_param}: {asked} tokens do not fit: the prompt is {len(tokens)} tokens "
+                       f"and the context holds {n_ctx} (at most {room})", "context_length", ask.max_tokens_param,
                        "context_length_exceeded")
     sampling = Sampling(
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=DEFAULT_SAMPLING.top_k if request.top_k is None else request.top_k,
-        min_p=DEFAULT_SAMPLING.min_p if request.min_p is None else request.min_p,
-        repeat_penalty=1.0 if request.repeat_penalty is None else request.repeat_penalty,
-        seed=secrets.randbits(32) if request.seed is None else request.seed,
+        temperature=1.0 if ask.temperature is None else ask.temperature,
+        top_p=1.0 if ask.top_p is None else ask.top_p,
+        top_k=DEFAULT_SAMPLING.top_k if ask.top_k is None else ask.top_k,
+        min_p=DEFAULT_SAMPLING.min_p if ask.min_p is None else ask.min_p,
+        repeat_penalty=1.0 if ask.repeat_penalty is None else ask.repeat_penalty,
+        seed=secrets.randbits(32) if ask.seed is None else ask.seed,
         max_tokens=asked if asked is not None else min(config.default_max_tokens, room),
     )
-    return Plan(messages, sampling, terms, positions, tokens, stops)
+    return Plan(sampling, terms, positions, tokens, steer_from, tuple(ask.stops))
+
+
+def plan_request(request: ChatCompletionRequest, engine: Engine, library: VectorLibrary, config: ServeConfig,
+                 defaults: Defaults, n_ctx: int) -> Plan:
+    return plan(ask_of(request), engine, library, config, defaults, n_ctx)

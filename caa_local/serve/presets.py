@@ -41,6 +41,7 @@ from caa_local.engine.engine import Engine
 from caa_local.serve.config import ServeConfig
 from caa_local.serve.errors import ApiError, validation_message
 from caa_local.serve.library import NAME, VectorLibrary
+from caa_local.serve.limits import parse_json
 from caa_local.serve.planning import Defaults, make_terms, steering_echo
 from caa_local.serve.protocol import ChatCompletionRequest, ChatMessage, SteeringItem
 
@@ -383,10 +384,7 @@ def mount(app: FastAPI, book: PresetBook) -> None:
 
     @app.post("/v1/presets")
     async def save_preset(request: Request) -> JSONResponse:
-        try:
-            data = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(f"request body is not valid JSON: {err}", "invalid_request", None, "invalid_json") from None
+        data = parse_json(await request.body())
         try:
             body = SaveRequest.model_validate(data)
         except ValidationError as err:

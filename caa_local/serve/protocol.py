@@ -9,11 +9,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from caa_local.serve.errors import clip
+from caa_local.serve.limits import MAX_CONTENT_PARTS, MAX_LAYER_ITEMS, MAX_NAME_CHARS
+
 log = logging.getLogger("caa_local.serve")
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
 
 class TextPart(BaseModel):
@@ -25,7 +30,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)], None] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -44,9 +49,9 @@ class SteeringItem(BaseModel):
     """One vector at one scale, optionally on chosen layers (default: the vector's recommended one)."""
 
     model_config = ConfigDict(extra="forbid")
-    vector: str = Field(description="A vector id from GET /v1/vectors (never a path).")
+    vector: str = Field(max_length=MAX_NAME_CHARS, description="A vector id from GET /v1/vectors (never a path).")
     scale: float = Field(allow_inf_nan=False, description="Multiplier; finite, within the server's bound.")
-    layers: Union[str, int, list[int], None] = Field(
+    layers: Union[Name, int, Annotated[list[int], Field(max_length=MAX_LAYER_ITEMS)], None] = Field(
         default=None, description="'13', '10-14', '4,8', 'all', an int or a list; default: recommended layer.")
 
 
@@ -55,7 +60,7 @@ class ChatCompletionRequest(BaseModel):
 
     # -- OpenAI's fields, in OpenAI's order --------------------------------------------------
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str = ""
+    model: Name = ""
     frequency_penalty: float | None = Field(default=None, allow_inf_nan=False)
     logprobs: bool | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -63,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    stop: Union[str, list[str], None] = None
+    stop: Union[Name, list[Name], None] = None  # how many: planning.stops_of (a 400 naming the limit)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=10, allow_inf_nan=False)
@@ -83,7 +88,9 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _log_ignored(self) -> ChatCompletionRequest:
         if self.model_extra:
-            log.warning("request fields %s are present in the request but ignored", sorted(self.model_extra))
+            names = sorted(self.model_extra)
+            shown = ", ".join(clip(name, 40) for name in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            log.warning("request fields %s are present in the request but ignored", shown)
         return self
 
 
@@ -109,3 +116,15 @@ def chunk_body(cid: str, created: int, model: str, delta: dict[str, Any], finish
 
 def now() -> int:
     return int(time.time())
+
+
+def finish_reason(stop_reason: str, stopped_by_string: bool) -> str:
+    """OpenAI's finish_reason: 'length' when the token budget or the context ran out, else 'stop'."""
+    if stopped_by_string:
+        return "stop"
+    return "length" if stop_reason in ("max_tokens", "context") else "stop"
+
+
+def usage(n_prompt: int, n_completion: int, n_cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"cached_tokens": n_cached}}

@@ -55,10 +55,18 @@ def run(config: ServeConfig, app: Any, pool: SlotPool, say: Callable[[str], None
     """Serve until Ctrl-C; say() the address once the socket listens."""
     import uvicorn
 
+    from caa_local.serve.connection import head_deadline_protocol
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, fd=inherited_fd(),
-                                           log_level="warning",
-                                           access_log=False, timeout_graceful_shutdown=2))
+                                           log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                                           # h11 caps a request's line and headers (16 KiB; uvicorn's
+                                           # httptools protocol buffers them without a bound), and
+                                           # connection.py gives them a deadline.
+                                           http=head_deadline_protocol(config.body_timeout),
+                                           h11_max_incomplete_event_size=16 * 1024,
+                                           limit_concurrency=config.max_connections,
+                                           timeout_keep_alive=config.keep_alive))
 
     def announce() -> None:
         while not server.started:

@@ -1,11 +1,21 @@
 """Slots: N llama.cpp contexts on one loaded model, a fair FIFO queue, cancel on disconnect.
 
 The event loop owns HTTP and the queue; each slot runs the GIL-free native generate on its own
-worker thread and sees native types only (a ``Plan``). A request leases a slot inside one async
-generator (``SlotPool.stream``): its ``finally`` dequeues it, or sets the slot's cancel flag
-(polled by the engine between tokens) and hands the slot back once the native call returns.
+worker thread and sees native types only (a ``Plan``: tokens in). A request first takes its
+place (``SlotPool.reserve``: a free slot, or a place in the queue, or QueueFullError), before
+any response starts, so "queue full" is a status, never a frame inside a 200 stream. It then
+runs inside one async generator (``SlotPool.stream``): its ``finally`` gives up the place, or
+sets the slot's cancel flag (polled by the engine between tokens) and hands the slot back once
+the native call returns. A place whose stream never started is given back by ``abandon``.
 A freed slot goes to the oldest waiter (FIFO); a free slot is chosen by the longest cached
 prompt prefix, else least recently used.
+
+Pieces cross from the slot's thread to the loop in batches: the thread wakes the loop only
+when no wake-up is pending, and the loop takes every piece that has arrived since, at most once
+per PACE seconds. Each wake-up of the loop (and of the client reading the stream) takes a core
+from llama.cpp's threads, which wait for each other at every step of a token; a batch of two or
+three pieces costs one wake-up instead of one each, and 50 batches a second still read as a
+smooth stream.
 """
 
 from __future__ import annotations
@@ -17,24 +27,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Optional
 
-from caa_local.core.steering import SteeringTerm
-from caa_local.core.templates import Message, shared_prefix
-from caa_local.engine.engine import Engine, GenerationResult, Sampling
+from caa_local.core.templates import shared_prefix
+from caa_local.engine.engine import Engine, GenerationResult
+from caa_local.serve.planning import Plan
 from caa_local.serve.sse import StopFilter
 
-
-@dataclass(frozen=True)
-class Plan:
-    """One validated request, in native types: what a slot's worker thread needs."""
-
-    messages: list[Message]
-    sampling: Sampling
-    terms: list[SteeringTerm]
-    positions: str
-    prompt_tokens: list[int]
-    stops: tuple[str, ...] = ()
+PACE = 0.02  # seconds between two batches of pieces sent to one stream
 
 
 @dataclass
@@ -63,12 +63,20 @@ class Slot:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"caa-slot-{self.index}")
 
 
+@dataclass(eq=False)
+class Lease:
+    """A request's place, taken before its response starts: a slot now, or a place in the queue."""
+
+    slot: Optional[Slot] = None
+    waiter: Optional[asyncio.Future[Slot]] = None
+    used: bool = False  # a stream took it over (and gives it back itself)
+
+
 def run_plan(engine: Engine, plan: Plan, on_piece: Callable[[str], bool], should_stop: Callable[[], bool]
              ) -> GenerationResult:
     """Generate on one slot's engine with the plan's steering (runs on the slot's thread)."""
     engine.set_steering(plan.terms)
-    return engine.generate(plan.messages, plan.sampling, on_piece=on_piece, positions=plan.positions,
-                           should_stop=should_stop)
+    return engine.generate_tokens(plan.tokens, plan.steer_from, plan.sampling, on_piece, should_stop)
 
 
 class SlotPool:
@@ -97,26 +105,56 @@ class SlotPool:
         self._free.remove(best)
         return best
 
-    async def acquire(self, tokens: Sequence[int]) -> Slot:
+    def reserve(self, tokens: Sequence[int]) -> Lease:
+        """A free slot (none waiting before us), else a place in the queue, else QueueFullError."""
         if self._free and not self.waiting:
-            return self._pick(tokens)
+            return Lease(slot=self._pick(tokens))
         if self.waiting >= self.max_queue:
-            raise QueueFullError(f"{self.waiting} requests are already waiting for a slot")
+            raise QueueFullError(f"{self.waiting} requests are already waiting for a slot"
+                                 if self.max_queue else "every slot is busy and --max-queue is 0")
         waiter: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        return Lease(waiter=waiter)
+
+    async def _slot_of(self, lease: Lease) -> Slot:
+        if lease.slot is not None:
+            return lease.slot
+        assert lease.waiter is not None
         try:
-            return await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release(waiter.result())  # handed a slot in the same tick it gave up
-            else:
-                waiter.cancel()
-            raise
+            lease.slot = await lease.waiter
+            return lease.slot
         finally:
-            try:
-                self._waiters.remove(waiter)
-            except ValueError:
-                pass
+            if lease.slot is None:  # cancelled while waiting
+                self._drop_waiter(lease.waiter)
+            self._forget(lease.waiter)
+
+    def _drop_waiter(self, waiter: asyncio.Future[Slot]) -> None:
+        if waiter.done() and not waiter.cancelled():
+            self.release(waiter.result())  # handed a slot in the same tick it gave up
+        else:
+            waiter.cancel()
+
+    def _forget(self, waiter: asyncio.Future[Slot]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def abandon(self, lease: Lease) -> None:
+        """Give back a place no stream took over (the response ended before its body ran)."""
+        if lease.used:
+            return
+        lease.used = True
+        if lease.slot is not None:
+            self.release(lease.slot)
+        elif lease.waiter is not None:
+            self._drop_waiter(lease.waiter)
+            self._forget(lease.waiter)
+
+    async def acquire(self, tokens: Sequence[int]) -> Slot:
+        lease = self.reserve(tokens)
+        lease.used = True
+        return await self._slot_of(lease)
 
     def release(self, slot: Slot) -> None:
         slot.last_used = time.monotonic()
@@ -128,64 +166,90 @@ class SlotPool:
         self._free.append(slot)
 
     # -- one request ------------------------------------------------------------------------
-    async def stream(self, plan: Plan) -> AsyncIterator[str | Outcome]:
-        """Yield text pieces as they are decoded, then one Outcome; cancel-safe at every await."""
+    async def stream(self, plan: Plan, lease: Lease | None = None) -> AsyncIterator[list[str] | Outcome]:
+        """Yield the text pieces decoded since the last batch, then one Outcome; cancel-safe at every await."""
         loop = asyncio.get_running_loop()
-        slot = await self.acquire(plan.prompt_tokens)
+        lease = lease or self.reserve(plan.tokens)
+        if lease.used:
+            raise RuntimeError("a lease streams once")
+        lease.used = True
+        slot = await self._slot_of(lease)
         slot.cancel.clear()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        arrived: collections.deque[str] = collections.deque()
+        lock = threading.Lock()
+        woken = asyncio.Event()
+        wake_pending = False
         stop_filter = StopFilter(plan.stops)
         sent: list[str] = []
 
         def on_piece(piece: str) -> bool:  # the slot's thread
+            nonlocal wake_pending
             text = stop_filter.feed(piece)
             if text:
                 sent.append(text)
-                loop.call_soon_threadsafe(pieces.put_nowait, text)
+                with lock:
+                    arrived.append(text)
+                    wake = not wake_pending
+                    wake_pending = True
+                if wake:
+                    loop.call_soon_threadsafe(woken.set)
             return not (stop_filter.stopped or slot.cancel.is_set())
 
+        def take() -> list[str]:
+            with lock:
+                batch = list(arrived)
+                arrived.clear()
+            return batch
+
+        def must_wait() -> bool:
+            """True when nothing has arrived: the thread may wake the loop again (until then,
+            while this stream sends or paces, its pieces gather without waking anyone)."""
+            nonlocal wake_pending
+            with lock:
+                if arrived:
+                    return False
+                wake_pending = False
+                return True
+
         future = loop.run_in_executor(slot.executor, self.runner, slot.engine, plan, on_piece, slot.cancel.is_set)
-        future.add_done_callback(lambda _: pieces.put_nowait(None))  # after every queued piece
+        left = False  # the consumer went away before the generation ended
+
+        def finished(done: asyncio.Future[GenerationResult]) -> None:
+            # The slot goes back as soon as the native call returns, however slowly the client reads.
+            ok = not done.cancelled() and done.exception() is None
+            slot.cached = [*plan.tokens, *done.result().tokens] if ok and not left else []
+            if left and ok:
+                self.cancelled_tokens += len(done.result().tokens)
+            self.release(slot)
+            woken.set()  # after every piece (the thread queued them first)
+
+        future.add_done_callback(finished)
         try:
-            while (piece := await pieces.get()) is not None:
-                yield piece
+            while not future.done():
+                if must_wait():
+                    await woken.wait()
+                    woken.clear()
+                batch = take()
+                if batch:
+                    yield batch
+                    await asyncio.sleep(PACE)  # pieces gather meanwhile; the end still wakes us
+            batch = take()
             result = future.result()
             tail = stop_filter.flush()
             if tail:
                 sent.append(tail)
-                yield tail
-            slot.cached = [*plan.prompt_tokens, *result.tokens]
+                batch.append(tail)
+            if batch:
+                yield batch
             self.served += 1
             yield Outcome(result, "".join(sent), stop_filter.stopped)
         finally:
-            if future.done():
-                self.release(slot)
-            else:
+            if not future.done():
+                left = True
                 slot.cancel.set()
-                slot.cached = []
                 self.cancelled += 1
-                future.add_done_callback(lambda f: self._release_cancelled(slot, f))
-
-    def _release_cancelled(self, slot: Slot, future: asyncio.Future[GenerationResult]) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.cancelled_tokens += len(future.result().tokens)
-        self.release(slot)
 
     def close(self) -> None:
         for slot in self.slots:
             slot.cancel.set()
             slot.executor.shutdown(wait=True)
-
-
-def finish_reason(outcome: Outcome) -> str:
-    """OpenAI's finish_reason: 'length' when the token budget or the context ran out, else 'stop'."""
-    if outcome.stopped_by_string:
-        return "stop"
-    return "length" if outcome.result.stop_reason in ("max_tokens", "context") else "stop"
-
-
-def usage(outcome: Outcome) -> dict[str, Any]:
-    n_out = len(outcome.result.tokens)
-    n_in = outcome.result.n_prompt_tokens
-    return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
-            "prompt_tokens_details": {"cached_tokens": outcome.result.n_reused_tokens}}

@@ -8,7 +8,7 @@ stop string, so a stop string never reaches the client in pieces.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
@@ -17,6 +17,24 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def frame(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+_MARK = "\x00"  # rendered as "\u0000": never produced by dumping anything but itself
+
+
+class PieceFrames:
+    """Frames for one stream's text pieces, rendered once around a mark and filled per piece:
+    a streamed token costs one string dump, not a whole chunk's (the chunk comes from ``body``)."""
+
+    def __init__(self, body: Callable[[str], dict[str, Any]]) -> None:
+        whole = frame(body(_MARK))
+        mark = json.dumps(_MARK).encode()
+        self.head, _, self.tail = whole.rpartition(mark)
+
+    def __call__(self, pieces: Sequence[str]) -> bytes:
+        """One frame per piece, joined for a single write."""
+        dumps = json.dumps
+        return b"".join(self.head + dumps(p, ensure_ascii=False).encode() + self.tail for p in pieces)
 
 
 class StopFilter:
