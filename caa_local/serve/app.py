@@ -108,7 +108,8 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
         return JSONResponse({
             **completion_body(meta["cid"], meta["created"], meta["model"], outcome.text, finish_reason(outcome),
                               usage(outcome), meta["steering"]),
-            "steering_positions": plan.positions})
+            "steering_positions": plan.positions,
+            **({"conditions": outcome.result.conditions} if outcome.result.conditions else {})})
 
     return app
 
@@ -171,7 +172,8 @@ async def stream_frames(pool: SlotPool, plan: Plan, meta: dict[str, Any], includ
         async with contextlib.aclosing(pool.stream(plan)) as events:
             async for event in events:
                 if isinstance(event, Outcome):
-                    yield sse.frame(chunk_body(cid, created, model, {}, finish_reason(event)))
+                    checked = {"conditions": event.result.conditions} if event.result.conditions else {}
+                    yield sse.frame(chunk_body(cid, created, model, {}, finish_reason(event), **checked))
                     if include_usage:
                         yield sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created,
                                          "model": model, "choices": [], "usage": usage(event)})

@@ -40,6 +40,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class WhenItem(BaseModel):
+    """A condition on a steering term (CAST): a condition id, optionally its threshold and "unless"."""
+
+    model_config = ConfigDict(extra="forbid")
+    condition: str = Field(description="A condition id from GET /v1/vectors (kind 'condition').")
+    threshold: float | None = Field(default=None, allow_inf_nan=False,
+                                    description="Overrides the calibrated threshold; finite.")
+    invert: bool = Field(default=False, description="Apply the term unless the condition fires.")
+
+
 class SteeringItem(BaseModel):
     """One vector at one scale, optionally on chosen layers (default: the vector's recommended one)."""
 
@@ -48,6 +58,13 @@ class SteeringItem(BaseModel):
     scale: float = Field(allow_inf_nan=False, description="Multiplier; finite, within the server's bound.")
     layers: Union[str, int, list[int], None] = Field(
         default=None, description="'13', '10-14', '4,8', 'all', an int or a list; default: recommended layer.")
+    when: Union[str, WhenItem, list[Union[str, WhenItem]], None] = Field(
+        default=None, description="Apply this term only when the condition fires on the last user message; "
+                                  "a list means OR.")
+
+    def conditions(self) -> list[WhenItem]:
+        items = self.when if isinstance(self.when, list) else [] if self.when is None else [self.when]
+        return [WhenItem(condition=w) if isinstance(w, str) else w for w in items]
 
 
 class ChatCompletionRequest(BaseModel):
