@@ -11,6 +11,7 @@ matrices on val (where it was chosen) and test (never seen before).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +59,13 @@ def scores(reads: Reads, dirs: npt.NDArray[np.float32]) -> npt.NDArray[np.float6
     return np.stack([cast_score(reads[:, i], dirs[i]) for i in range(dirs.shape[0])], axis=1)
 
 
+def separation(matching: npt.ArrayLike, not_matching: npt.ArrayLike) -> float:
+    """|difference of the means| / pooled standard deviation (d') of two sides' scores."""
+    a, b = np.asarray(matching, dtype=np.float64), np.asarray(not_matching, dtype=np.float64)
+    spread = np.sqrt((a.var() + b.var()) / 2)
+    return float(abs(a.mean() - b.mean()) / spread) if spread > 0 else math.inf
+
+
 def _held_out_f1(train: tuple[Reads, Reads], val: tuple[Reads, Reads], dirs: npt.NDArray[np.float32]) -> list[float]:
     """Per layer: F1 on val with the threshold and comparison chosen on train."""
     tp, tn = scores(train[0], dirs), scores(train[1], dirs)
@@ -97,10 +105,13 @@ def calibrate(vector: ControlVector, val: tuple[Reads, Reads], test: tuple[Reads
     per_layer = []
     for i, layer in enumerate(layers):
         threshold, comparison, result = best_point(vp[:, i], vn[:, i])
-        per_layer.append({"layer": layer, "threshold": threshold, "comparison": comparison, "f1": result["f1"]})
-    best = max(range(len(layers)), key=lambda i: (per_layer[i]["f1"], -layers[i]))  # ties: the earlier layer
+        per_layer.append({"layer": layer, "threshold": threshold, "comparison": comparison, "f1": result["f1"],
+                          "separation": separation(vp[:, i], vn[:, i])})
+    # Several layers often reach the same F1 on a few dozen prompts: the widest gap between the
+    # two sides (in their spread) generalizes best (measured: vectors/README.md).
+    best = max(range(len(layers)), key=lambda i: (per_layer[i]["f1"], per_layer[i]["separation"]))
     point = per_layer[best]
-    tp, tn = scores(test[0], dirs[best : best + 1])[:, 0], scores(test[1], dirs[best : best + 1])[:, 0]
+    tp, tn = (cast_score(side[:, best], dirs[best]) for side in test)
     summary = {
         "layer": point["layer"], "threshold": point["threshold"], "comparison": point["comparison"],
         "val": confusion(fires(vp[:, best], point["threshold"], point["comparison"]),
@@ -109,6 +120,7 @@ def calibrate(vector: ControlVector, val: tuple[Reads, Reads], test: tuple[Reads
                           fires(tn, point["threshold"], point["comparison"])),
         "n_val": [len(val[0]), len(val[1])], "n_test": [len(test[0]), len(test[1])],
         "per_layer_val_f1": {str(p["layer"]): p["f1"] for p in per_layer},
+        "separation": round(point["separation"], 3),
     }
     calibrated = vector.with_metadata(**{
         KEY_LAYER: point["layer"], KEY_THRESHOLD: repr(point["threshold"]), KEY_COMPARISON: point["comparison"],
