@@ -83,14 +83,19 @@ def test_greedy_answer_equals_the_plain_one(sentiment: Any, work: Any, fire: boo
 
 
 def test_a_later_turn_reads_the_same_score_as_a_fresh_context(engine: Engine, sentiment: Any, work: Any) -> None:
-    """The span is counted from the first token decoded in this turn (the history is reused)."""
+    """With the history reused from the cache, the span is counted from the first token decoded
+    in this turn: the score equals a fresh context's (the history prefilled in both)."""
+    history: list[Message] = [{"role": "user", "content": OTHER}, {"role": "assistant", "content": "Mash two bananas."}]
     conditional(engine, sentiment, work)
-    session = ChatSession(engine, GREEDY, write=lambda _text: None)
-    session.ask(OTHER)
-    second = session.ask(WORK)
-    assert second.n_reused_tokens > 0
-    fresh = conditional(Engine(engine.model, 1024, 1), sentiment, work).generate(session.messages[:-1], GREEDY)
-    assert second.conditions[0]["score"] == pytest.approx(fresh.conditions[0]["score"], rel=1e-4, abs=1e-6)
+    engine.reset()
+    engine.generate([*history, *user("Thanks, and how long should it bake?")], GREEDY)
+    later = engine.generate([*history, *user(WORK)], GREEDY)
+    assert later.n_reused_tokens > 0
+    fresh = conditional(Engine(engine.model, 1024, 1), sentiment, work).generate([*history, *user(WORK)], GREEDY)
+    assert fresh.n_reused_tokens == 0
+    # Not bitwise: the history was decoded as a batch of its own. Measured on the default model:
+    # block outputs 0.8% apart (2% on the score), against 7-10% for a span off by one token.
+    assert later.conditions[0]["score"] == pytest.approx(fresh.conditions[0]["score"], rel=0.05)
     engine.unsteer()
 
 
@@ -105,21 +110,28 @@ def test_reader_and_generation_probe_agree(engine: Engine, sentiment: Any, work:
 
 
 @pytest.mark.torch
-def test_native_score_equals_the_torch_score(engine: Engine, sentiment: Any, work: Any,
-                                            hf_model: tuple[Any, Any, Any]) -> None:
+def test_native_score_equals_the_torch_score(sentiment: Any, work: Any, hf_model: tuple[Any, Any, Any],
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The score read while generating equals CAST's score of transformers' block outputs on the
+    same tokens, to 1e-3 relative. Both on the same weights: transformers dequantizes the GGUF,
+    so llama.cpp runs its F32 copy (on the Q4_1 file itself the block outputs differ by ~1%, the
+    quantization's doing: measured 1.5e-3 to 2.5e-3 relative on these scores)."""
+    from caa_local.core.locate import default_model_path
     from caa_local.torch.condition import token_reads
+    from tests.gguf_f32 import dequantized_copy
 
     model, _tokenizer, _template = hf_model
-    condition = engine.make_condition("work", work)
+    f32 = Engine(dequantized_copy(default_model_path(), tmp_path_factory.mktemp("f32") / "f32.gguf"), 1024, 1)
+    condition = f32.make_condition("work", work)
+    conditional(f32, sentiment, work)
     for prompt in (WORK, OTHER):
         messages = user(prompt)
-        tokens, _ = engine.prompt(messages)
-        start, end = last_user_span(engine.template, engine.tokenize, messages, tokens)
-        torch_reads = token_reads(model, [(tokens[:end], end - start)], [condition.layer])[0, 0]
-        conditional(engine, sentiment, work)
-        native = engine.generate(messages, GREEDY).conditions[0]["score"]
-        assert native == pytest.approx(condition.score(torch_reads), rel=1e-3)
-    engine.unsteer()
+        tokens, _ = f32.prompt(messages)
+        start, end = last_user_span(f32.template, f32.tokenize, messages, tokens)
+        torch_score = condition.score(token_reads(model, [(tokens[:end], end - start)], [condition.layer])[0, 0])
+        native = f32.generate(messages, GREEDY).conditions[0]["score"]
+        assert abs(torch_score) > 0.01  # a relative comparison needs a score away from 0
+        assert native == pytest.approx(torch_score, rel=1e-3)
 
 
 def test_shipped_condition_held_out_f1(engine: Engine, work: Any) -> None:
@@ -149,10 +161,10 @@ def test_repl_when_and_conditions(engine: Engine) -> None:
     listing = session.handle("/conditions")
     assert "sentiment x+2" in listing and "last answer: sentiment when work: not fired" in listing
     assert session.transcript[-1]["conditions"][0]["condition"] == "work"
-    for bad, message in [("/when sentiment nosuch", "no such"), ("/when sentiment formality", "behavior vector"),
+    for bad, message in [("/when sentiment nosuch", "no vector named 'nosuch'"), ("/when sentiment formality", "behavior vector"),
                          ("/when sentiment work nan", "finite"), ("/when nobody work", "no active vector"),
                          ("/steer work", "is a condition")]:
-        assert f"Error:" in session.handle(bad) and message in "".join(written[-1:]), bad
+        assert "Error:" in session.handle(bad) and message in "".join(written[-1:]), bad
     assert "when" not in session.handle("/when sentiment always")
     assert not engine.steering.conditional
     engine.unsteer()
@@ -185,3 +197,22 @@ def test_cli_generate_when_and_its_errors(capsys: pytest.CaptureFixture[str], tm
     for extra, message in cases:
         line = one_error(*run_cli(capsys, *base, *extra)[:3:2])
         assert message in line, (extra, line)
+
+
+def test_two_paper_behaviors_make_a_condition_with_held_out_f1(capsys: pytest.CaptureFixture[str],
+                                                                 tmp_path: Path) -> None:
+    """The paper's A/B questions of two behaviors are two topics: extract, calibrate, read the
+    test split's confusion from the file (prompts never used to extract or calibrate)."""
+    out = tmp_path / "topic.gguf"
+    code, stdout, err = run_cli(capsys, "condition", "extract", "myopic-reward", "corrigible-neutral-HHH",
+                                "--limit", "60", "--layers", "2,8,13", "--threads", "1", "--out", str(out),
+                                "--calibrate")
+    assert code == 0, err
+    vector = load_vector(str(out))[1]
+    assert vector.kind == "condition" and vector.metadata["method"] in ("pca", "mean-diff")
+    summary = json.loads(vector.metadata[KEY_CALIBRATION])
+    assert summary["n_test"] == [12, 12] and summary["test"]["f1"] >= 0.9, summary
+    assert "test  F1" in stdout and "method" in stdout
+    # Calibrating again needs --force; an unknown dataset is one clear error.
+    assert "already calibrated" in one_error(*run_cli(capsys, "calibrate", str(out))[:3:2])
+    assert "no such condition" in one_error(*run_cli(capsys, "condition", "extract", "nosuch")[:3:2])

@@ -217,7 +217,7 @@ class ConditionCheck:
                 score = cond.score(reads[cond.layer])
                 fired = cond.fires(score)
                 fired_any = fired_any or fired
-                report.append({"vector": term.name, "condition": cond.name, "score": round(score, 6),
+                report.append({"vector": term.name, "condition": cond.name, "score": score,
                                "threshold": cond.threshold, "comparison": cond.comparison,
                                "invert": cond.invert, "layer": cond.layer, "fired": fired})
             if fired_any:
