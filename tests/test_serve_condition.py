@@ -71,10 +71,12 @@ def test_stream_ends_with_the_conditions(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("term, status, param", [
-    ({"vector": "sentiment", "scale": 1, "when": "nosuch"}, 404, "steering[0].when"),
-    ({"vector": "sentiment", "scale": 1, "when": "formality"}, 400, "steering[0].when"),
-    ({"vector": "sentiment", "scale": 1, "when": {"condition": "work", "threshold": "NaN"}}, 400, None),
-    ({"vector": "sentiment", "scale": 1, "when": {"condition": "work", "typo": 1}}, 400, None),
+    ({"vector": "sentiment", "scale": 1, "when": "nosuch"}, 404, "steering[0].when[0]"),
+    ({"vector": "sentiment", "scale": 1, "when": "formality"}, 400, "steering[0].when[0]"),
+    ({"vector": "sentiment", "scale": 1, "when": {"condition": "work", "threshold": "NaN"}}, 422,
+     "steering[0].when[0].threshold"),
+    ({"vector": "sentiment", "scale": 1, "when": {"condition": "work", "typo": 1}}, 422, "steering[0].when[0].typo"),
+    ({"vector": "sentiment", "scale": 1, "when": 5}, 422, "steering[0].when[0]"),
     ({"vector": "work", "scale": 1}, 400, "steering[0].vector"),
     ({"vector": "sentiment", "scale": 1, "when": ["work", "formality"]}, 400, "steering[0].when[1]"),
 ])

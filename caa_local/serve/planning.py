@@ -47,7 +47,7 @@ def conditions_of(engine: Engine, library: VectorLibrary, item: SteeringItem, wh
     """The item's `when` conditions, looked up by id and checked against the model."""
     out = []
     for j, when in enumerate(item.conditions()):
-        param = f"{where}.when[{j}]" if isinstance(item.when, list) else f"{where}.when"
+        param = f"{where}.when[{j}]"
         entry = library.get(when.condition, param)
         try:
             out.append(engine.make_condition(entry.name, entry.vector, when.threshold, when.invert))

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger("caa_local.serve")
 
@@ -58,13 +58,18 @@ class SteeringItem(BaseModel):
     scale: float = Field(allow_inf_nan=False, description="Multiplier; finite, within the server's bound.")
     layers: Union[str, int, list[int], None] = Field(
         default=None, description="'13', '10-14', '4,8', 'all', an int or a list; default: recommended layer.")
-    when: Union[str, WhenItem, list[Union[str, WhenItem]], None] = Field(
-        default=None, description="Apply this term only when the condition fires on the last user message; "
-                                  "a list means OR.")
+    when: Union[list[WhenItem], None] = Field(
+        default=None, description="Apply this term only when the condition fires on the last user message: "
+                                  "a condition id, a {condition, threshold, invert} object, or a list of them (OR).")
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_list(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [{"condition": w} if isinstance(w, str) else w for w in items] if value is not None else None
 
     def conditions(self) -> list[WhenItem]:
-        items = self.when if isinstance(self.when, list) else [] if self.when is None else [self.when]
-        return [WhenItem(condition=w) if isinstance(w, str) else w for w in items]
+        return list(self.when or [])
 
 
 class ChatCompletionRequest(BaseModel):
