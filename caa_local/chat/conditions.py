@@ -53,11 +53,13 @@ def gate(engine: Engine, names: Sequence[str], conditions: Sequence[Condition], 
 
 
 def describe_report(report: Sequence[dict[str, Any]]) -> str:
-    """'work: fired (0.0412 > 0.031)' for each condition checked on the last answer."""
+    """'sentiment when work: fired (score 0.0011 < 0.107)' for each condition checked on the last
+    answer ('unless work: fired' means the term applied because work did not)."""
     parts = []
     for r in report:
         sign = ">" if r["comparison"] == "above" else "<"
-        name = f"{'!' if r['invert'] else ''}{r['condition']}"
-        parts.append(f"{r['vector']} when {name}: {'fired' if r['fired'] else 'not fired'} "
-                     f"({r['score']:.4g} vs {sign} {r['threshold']:.4g})")
+        holds = r["fired"] != r["invert"]  # whether the score passed the threshold
+        parts.append(f"{r['vector']} {'unless' if r['invert'] else 'when'} {r['condition']}: "
+                     f"{'fired' if r['fired'] else 'not fired'} (score {r['score']:.4g} "
+                     f"{sign if holds else ('>=' if sign == '<' else '<=')} {r['threshold']:.4g})")
     return "; ".join(parts)

@@ -153,8 +153,9 @@ class Condition:
         return bool(fires(score, self.threshold, self.comparison)) != self.invert
 
     def describe(self) -> str:
+        """'when work (score < 0.107 @ layer 13)', or 'unless work (...)' when inverted."""
         sign = ">" if self.comparison == "above" else "<"
-        return f"{'not ' if self.invert else ''}{self.name} (score {sign} {self.threshold:.4g} @ layer {self.layer})"
+        return f"{'unless' if self.invert else 'when'} {self.name} (score {sign} {self.threshold:.4g} @ layer {self.layer})"
 
 
 def make_condition(name: str, vector: ControlVector, n_embd: int, n_layer: int, architecture: str,

@@ -35,7 +35,7 @@ class SteeringTerm:
     conditions: tuple[Condition, ...] = ()
 
     def describe(self) -> str:
-        when = f" when {' or '.join(c.describe() for c in self.conditions)}" if self.conditions else ""
+        when = f" {' or '.join(c.describe() for c in self.conditions)}" if self.conditions else ""
         return f"{self.name} x{self.scale:+g} @ {format_layers(self.layers)}{when}"
 
     def with_conditions(self, conditions: Sequence[Condition]) -> SteeringTerm:

@@ -194,13 +194,13 @@ function steeringBody() {
 
 function label(steering) {
   return steering.length ? steering.map((t) => `${t.vector} x${fmt(t.scale)} @ ${t.layers.join(",")}` +
-    (t.when ? ` when ${t.when.map((c) => (c.invert ? "not " : "") + c.condition).join(" or ")}` : "")).join(" + ")
+    (t.when ? " " + t.when.map((c) => (c.invert ? "unless " : "when ") + c.condition).join(" or ") : "")).join(" + ")
     : "unsteered";
 }
 
-// What each condition decided for this answer: "work: fired (0.0011 < 0.107)".
+// What each condition decided for this answer: "when work: fired (0.00114 < 0.107)".
 function conditionsLabel(conditions) {
-  return conditions.map((c) => `${c.invert ? "not " : ""}${c.condition}: ${c.fired ? "fired" : "not fired"} ` +
+  return conditions.map((c) => `${c.invert ? "unless" : "when"} ${c.condition}: ${c.fired ? "fired" : "not fired"} ` +
     `(${c.score.toPrecision(3)} ${c.comparison === "above" ? ">" : "<"} ${c.threshold.toPrecision(3)})`).join("; ");
 }
 
