@@ -380,12 +380,15 @@ class Engine:
         try:
             if probe is not None and check is not None:
                 probe.arm(check.span[0] - keep, check.span[1] - keep)
-            done = session.decode(tokens[keep:steer_from], False, should_stop)
-            if probe is not None and check is not None:
-                probe.disarm()
+                try:
+                    done = session.decode(tokens[keep:steer_from], False, should_stop)
+                finally:
+                    probe.disarm()  # an idle probe leaves the graph unsplit
                 if done:
                     terms, report = check.decide(dict(zip(probe.layers, probe.means())))
                     self._install(Steering([*self._steering.terms, *terms]))
+            else:
+                done = session.decode(tokens[keep:steer_from], False, should_stop)
             done = done and session.decode(tokens[max(keep, steer_from):], True, should_stop)
         except _native.ContextFullError as err:
             raise ContextFullError(str(err)) from None
