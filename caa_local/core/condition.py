@@ -134,7 +134,7 @@ def require_behavior(name: str, vector: ControlVector) -> None:
         raise ConditionError(f"{name}: is a condition, not a behavior vector (use it with --when {name})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an array: equal by identity
 class Condition:
     """One calibrated condition at its layer: fires when the score is above / below threshold
     (the reverse with ``invert``)."""
