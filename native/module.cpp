@@ -60,8 +60,9 @@ nb::ndarray<nb::numpy, T> to_numpy(std::vector<T> && values, std::initializer_li
 
 } // namespace
 
-void bind_reader(nb::module_ & m); // reader_bindings.cpp
-void bind_rpc(nb::module_ & m);    // rpc_bindings.cpp
+void bind_reader(nb::module_ & m);    // reader_bindings.cpp
+void bind_rpc(nb::module_ & m);       // rpc_bindings.cpp
+void bind_condition(nb::module_ & m); // condition_bindings.cpp
 
 NB_MODULE(_native, m) {
     m.doc() = "caa-local's llama.cpp engine: steered generation and batched scoring";
@@ -229,4 +230,5 @@ NB_MODULE(_native, m) {
              "with the given steering (None: unsteered). Returns (n_questions, n_options).");
     bind_reader(m);
     bind_rpc(m);
+    bind_condition(m);
 }

@@ -150,6 +150,19 @@ Session::Session(SharedModel model, uint32_t n_ctx, int32_t n_threads, uint32_t 
     n_batch_ = llama_n_batch(ctx_.get()); // what llama.cpp accepts per llama_decode call
 }
 
+void Session::set_eval_callback(ggml_backend_sched_eval_callback cb_eval, std::shared_ptr<void> owner) {
+    const uint32_t n_ctx = llama_n_ctx(ctx_.get());
+    ctx_.reset();
+    tokens_.clear();
+    token_steering_.clear();
+    applied_ = false;
+    eval_owner_ = std::move(owner);
+    ctx_ = make_context(*model_, n_ctx, n_batch_, 1, n_threads_, cb_eval, eval_owner_.get());
+    if (threadpool_->get() != nullptr) {
+        llama_attach_threadpool(ctx_.get(), threadpool_->get(), nullptr);
+    }
+}
+
 void Session::set_steering(Steering steering) {
     validate_steering(steering, model_->n_layer(), model_->n_embd());
     steering_ = std::move(steering);

@@ -139,6 +139,11 @@ class Session {
     // Logits (n_vocab) after `tokens`, decoded as layer_outputs does.
     std::vector<float> logits_after(const std::vector<llama_token> & tokens, size_t steer_from) const;
 
+    // Rebuilds the context with `cb_eval` (llama.cpp takes it only at creation), its user data
+    // kept alive by `owner` as long as the context lives; the KV cache starts empty. For reading
+    // block outputs while generating (native/condition.h).
+    void set_eval_callback(ggml_backend_sched_eval_callback cb_eval, std::shared_ptr<void> owner);
+
   private:
     void use_steering(bool steered);
     // A fresh context that has decoded `tokens`: positions < steer_from unsteered, the rest steered.
@@ -149,6 +154,7 @@ class Session {
     SharedModel model_;
     int32_t n_threads_;
     std::unique_ptr<Threadpool> threadpool_; // declared before ctx_: freed after it
+    std::shared_ptr<void> eval_owner_;       // the eval callback's user data: freed after ctx_
     ContextPtr ctx_;
     uint32_t n_batch_;
     Steering steering_;

@@ -89,6 +89,10 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "tok/s", ">=", 1.2,
         "4 requests with 4 different steerings at once on a 2-slot server vs one after another on a 1-slot server"),
     "serve_first_token_ms": ("ms", None, None, "request sent to first streamed token, a ~50-token prompt"),
+    "condition_prefill_overhead": (
+        "s", "<=", 1.03,
+        "prefill + 1 token of a {condition_prompt_tokens}-token work prompt: sentiment gated on the `work` "
+        "condition (read from the same decode) vs sentiment applied plainly; ratio of times"),
 }
 REQUIRED = tuple(name for name in SPECS if name != "ab_sweep_reuse_vs_batched_redecode")
 WORKER_TIMEOUT_S = 1800
@@ -139,6 +143,7 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
              ("rss_generate", "peak RSS of generation"), ("rss_extract", "peak RSS of extraction"),
              ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction"),
              ("serve", "the server: HTTP vs in-process decode, concurrent slots, first token"),
+             ("condition", "prefill with a condition vs without"),
              ("rpc", "decode with every layer on a loopback RPC worker")]
     for group, what in steps:
         echo(f"bench: {what} ...")

@@ -449,13 +449,41 @@ def _rpc_group(cfg: Config) -> dict[str, Any]:
             "facts": {"threads": local.n_threads}}
 
 
+def _condition_group(cfg: Config) -> dict[str, Any]:
+    """What a condition costs the prefill: it is read from the unsteered prefix decode itself, so
+    the extra work is the eval callback on the watched block and reading its rows of the message."""
+    from caa_local.core.locate import load_vector
+    from caa_local.engine.engine import Engine, Sampling
+
+    plain = Engine(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.threads)
+    gated = Engine(plain.model, cfg.n_ctx, cfg.threads)
+    behavior, condition = load_vector("sentiment")[1], load_vector("work")[1]
+    plain.steer("sentiment", behavior, 1.0)
+    gated.set_steering([gated.make_term("sentiment", behavior, 1.0).with_conditions(
+        [gated.make_condition("work", condition)])])
+    notes = " ".join((PREFILL_TEXT * (cfg.prefill_tokens // 20 + 2)).split()[: max(cfg.prefill_tokens * 3 // 4, 8)])
+    messages = [{"role": "user", "content": f"Here are my meeting notes: {notes} Summarise them for my manager."}]
+    one = Sampling(temperature=0.0, max_tokens=1)
+
+    def prefill(engine: Engine) -> float:
+        engine.reset()
+        start = time.perf_counter()
+        engine.generate(messages, one)
+        return time.perf_counter() - start
+
+    with_condition, without = interleaved(cfg.repeats, lambda: prefill(gated), lambda: prefill(plain))
+    n_tokens = len(plain.prompt(messages)[0])
+    return {"figures": {"condition_prefill_overhead": {"value": with_condition, "baseline": without}},
+            "facts": {"condition_prompt_tokens": n_tokens}}
+
+
 GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "native": _native_group, "torch": _torch_group,
     "decode_native_side": _decode_native_side, "decode_transformers_side": _decode_transformers_side,
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
-    "serve": _serve_group, "rpc": _rpc_group,
+    "serve": _serve_group, "condition": _condition_group, "rpc": _rpc_group,
 }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from caa_local.chat.conditions import describe_report, gate, load_condition
 from caa_local.core.atomic import write_json
 from caa_local.engine.engine import ContextFullError, Engine, GenerationResult, Sampling, check_positions
 from caa_local.core.errors import CaaError
@@ -67,7 +68,9 @@ class ChatSession:
         self.out(("" if self._fresh_line else "\n") + text + "\n")
 
     def status(self) -> str:
-        return f"[steer: {self.engine.steering.describe()}]"
+        last = self.last_result.conditions if self.last_result is not None else []
+        checked = f" [last answer: {describe_report(last)}]" if last and self.engine.steering.conditional else ""
+        return f"[steer: {self.engine.steering.describe()}]{checked}"
 
     # -- dispatch ---------------------------------------------------------------------------
     def handle(self, line: str) -> str:
@@ -105,6 +108,8 @@ class ChatSession:
             "sampling": dataclasses.asdict(self.sampling),
         }
         if result is not None:
+            if result.conditions:
+                turn["conditions"] = result.conditions
             turn.update(stop_reason=result.stop_reason, interrupted=result.stop_reason == "interrupted",
                         n_tokens=len(result.tokens),
                         tokens_per_second=round(result.decode_tokens_per_second, 2))
@@ -188,6 +193,27 @@ class ChatSession:
         args = self._args(rest, "/unsteer [NAME]", 0, 1)
         self.engine.unsteer(args[0] if args else None)
         self.say(f"removed {args[0]}; {self.status()}" if args else "steering off")
+
+    def cmd_when(self, rest: str) -> None:
+        """/when VECTOR [!]CONDITION [THRESHOLD]  --  steer with VECTOR only when CONDITION fires (again: OR; 'always' undoes)"""
+        args = self._args(rest, "/when VECTOR [!]CONDITION [THRESHOLD]", 2, 3)
+        if args[1] == "always" and len(args) == 2:
+            term = gate(self.engine, [args[0]], [], add=False)[0]
+        else:
+            spec = f"{args[1]}:{args[2]}" if len(args) == 3 else args[1]
+            condition = load_condition(self.engine, spec, self.any_arch)
+            term = gate(self.engine, [args[0]], [condition])[0]
+        self.say(f"steering: {term.describe()}")
+
+    def cmd_conditions(self, rest: str) -> None:
+        """/conditions  --  conditional vectors, and what their conditions scored on the last answer"""
+        waiting = self.engine.steering.conditional
+        self.say("conditional:" + ("" if waiting else " none (use /when VECTOR CONDITION)"))
+        for term in waiting:
+            self.say(f"  {term.describe()}")
+        last = self.last_result.conditions if self.last_result is not None else []
+        if last:
+            self.say(f"last answer: {describe_report(last)}")
 
     def _term(self, name: str) -> SteeringTerm:
         term = self.engine.steering.get(name)

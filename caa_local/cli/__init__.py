@@ -24,6 +24,7 @@ COMMANDS = {
     "generate": ("caa_local.cli.chat:generate", "Answer one prompt, steered."),
     "extract": ("caa_local.cli.extract:extract", "Extract a CAA vector from A/B data (llama.cpp on a GGUF, or torch)."),
     "calibrate": ("caa_local.cli.calibrate:calibrate", "Find a vector's layer and safe strength; store them in it."),
+    "condition": ("caa_local.cli.condition:condition", "Condition vectors (CAST): steer only prompts about something."),
     "normalize": ("caa_local.cli.extract:normalize", "Normalize vectors across behaviors per layer."),
     "vector": ("caa_local.cli.vector:vector", "Inspect, list and combine vector files."),
     "eval": ("caa_local.cli.eval:eval_group", "A/B, open-ended, MMLU and TruthfulQA under steering."),

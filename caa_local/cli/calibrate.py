@@ -92,6 +92,9 @@ def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: i
               force: bool) -> None:
     """Find VECTOR's layer and the strongest multipliers that keep a chat coherent; store them in the file.
 
+    For a condition vector (`caa-local condition extract`): the layer, threshold and comparison
+    with the best F1 on its held-out prompts (--dataset POS,NEG overrides the recorded data).
+
     The layer comes from the A/B validation split (or the judge-free metric of the demo
     behaviors); the strength from conversations answered with the chat's sampling, guarded
     by perplexity under the unsteered model, broken turns and repetition. Prints a
@@ -112,6 +115,12 @@ def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: i
 
     vector_path = resolve_vector(vector_ref)
     vector = ControlVector.load(vector_path)
+    if vector.metadata.get("kind") == "condition":  # CAST's grid search instead (cli/condition.py)
+        from caa_local.cli.condition import calibrate_condition
+
+        calibrate_condition(vector_path, out, force, open_engine(model_path, 512, n_threads, n_gpu_layers),
+                            dataset=tuple(dataset.split(",")) if dataset else None, json_path=json_path)
+        return
     target_path(vector_path, out, force, vector.calibration() is not None)
     if json_path is not None:
         check_writable(json_path, force)

@@ -33,6 +33,9 @@ def steering_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Layers for every vector, e.g. 12, 10-14, all (default: the vector's recommended layer)."),
         click.option("positions", "--positions", type=click.Choice(POSITIONS), default="response",
                      show_default=True, help="Steer only the answer (CAA's mask) or every token."),
+        click.option("when", "--when", multiple=True, metavar="[!]CONDITION[:THRESHOLD]",
+                     help="Apply the --vector terms only when this condition (a shipped name or a condition "
+                          ".gguf) fires on the user's message; repeat for OR, '!' for unless."),
         any_arch_option,
     ]
     for option in reversed(options):
@@ -73,7 +76,8 @@ def steer_all(engine: Any, loaded: Sequence[tuple[str, Any, float]], layers: str
 
 def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
            multiplier: float | None, layers: str | None, positions: str, any_arch: bool,
-           temperature: float, top_p: float, max_tokens: int, seed: int):  # noqa: ANN202
+           temperature: float, top_p: float, max_tokens: int, seed: int,
+           when: tuple[str, ...] = ()):  # noqa: ANN202
     """(engine, sampling) with the --vector options applied; warnings go to stderr."""
     import dataclasses
 
@@ -83,9 +87,22 @@ def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: in
     loaded = load_vector_specs(vectors, multiplier)
     if layers:
         parse_layer_spec(layers)  # syntax errors before the model loads
+    if when:
+        from caa_local.chat.conditions import parse_when
+        from caa_local.core.errors import CaaError
+        from caa_local.core.locate import resolve_vector
+
+        if not loaded:
+            raise CaaError("--when gates the --vector terms: give at least one --vector")
+        for spec in when:
+            resolve_vector(parse_when(spec)[0])  # unknown names before the model loads
     warn_multipliers(scale for _, _, scale in loaded)
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
     steer_all(engine, loaded, layers, any_arch)
+    if when:
+        from caa_local.chat.conditions import gate, load_condition
+
+        gate(engine, [t.name for t in engine.steering.terms], [load_condition(engine, w, any_arch) for w in when])
     sampling = dataclasses.replace(CHAT_SAMPLING, temperature=temperature, top_p=top_p,
                                    max_tokens=clamp_max_tokens(max_tokens, engine), seed=seed)
     return engine, sampling
@@ -159,17 +176,18 @@ def repl(session: Any) -> None:
 @steering_options
 @sampling_options
 def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
-         multiplier: float | None, layers: str | None, positions: str, any_arch: bool, system: str | None,
-         temperature: float, top_p: float, max_tokens: int, seed: int) -> None:
+         multiplier: float | None, layers: str | None, positions: str, when: tuple[str, ...], any_arch: bool,
+         system: str | None, temperature: float, top_p: float, max_tokens: int, seed: int) -> None:
     """Chat with a model, changing its steering live with /steer, /scale, /unsteer.
 
     \b
     Example:
       caa-local chat --vector sentiment:4 --layers 12
+      caa-local chat --vector sentiment --when '!work'
     """
     preload = _preload_prompt_toolkit()
     engine, sampling = _setup(model_path, n_ctx, n_threads, n_gpu_layers, vectors, multiplier, layers,
-                              positions, any_arch, temperature, top_p, max_tokens, seed)
+                              positions, any_arch, temperature, top_p, max_tokens, seed, when)
     from caa_local.chat.repl import ChatSession
 
     preload.join()
@@ -186,8 +204,8 @@ def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
 @click.option("force", "--force", is_flag=True, help="Overwrite the --json file if it exists.")
 def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
              vectors: tuple[str, ...], multiplier: float | None, layers: str | None, positions: str,
-             any_arch: bool, system: str | None, temperature: float, top_p: float, max_tokens: int, seed: int,
-             json_path: Path | None, force: bool) -> None:
+             when: tuple[str, ...], any_arch: bool, system: str | None, temperature: float, top_p: float,
+             max_tokens: int, seed: int, json_path: Path | None, force: bool) -> None:
     """Answer one PROMPT, streamed to stdout.
 
     \b
@@ -199,16 +217,21 @@ def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n
     if json_path is not None:
         check_writable(json_path, force)
     engine, sampling = _setup(model_path, n_ctx, n_threads, n_gpu_layers, vectors, multiplier, layers,
-                              positions, any_arch, temperature, top_p, max_tokens, seed)
+                              positions, any_arch, temperature, top_p, max_tokens, seed, when)
     from caa_local.chat.repl import ChatSession
 
     session = ChatSession(engine, sampling, system=system, any_arch=any_arch, positions=positions)
     result = session.ask(prompt)
     if json_path is not None:
         write_json(json_path, {**session.to_dict(), "prompt": prompt, "text": result.text, "steering": result.steering,
+                               "conditions": result.conditions,
                                "stop_reason": result.stop_reason, "n_prompt_tokens": result.n_prompt_tokens,
                                "prompt_seconds": result.prompt_seconds, "decode_seconds": result.decode_seconds,
                                "tokens_per_second": result.decode_tokens_per_second}, force=force)
+    if result.conditions:
+        from caa_local.chat.conditions import describe_report
+
+        warn(f"[{describe_report(result.conditions)}]")
     if result.stop_reason == "context":
         warn(f"Note: the answer stopped when the context of {engine.n_ctx} tokens filled "
              "(--ctx enlarges it)")

@@ -46,6 +46,10 @@ def vectors_list() -> None:
         click.echo("no shipped vectors found")
     for name in names:
         vec = load_vector(name)[1]
+        if vec.kind == "condition":
+            click.echo(f"{name:<24} condition at layer {vec.metadata.get('condition_layer', '-')} "
+                       f"(use with --when {name})")
+            continue
         layer = vec.recommended_layer()
         mult = vec.recommended_multiplier()
         click.echo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +13,9 @@ import numpy.typing as npt
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_steerable, cvec_buffer, format_layers, no_direction
 from caa_local.core.vector import ControlVector
+
+if TYPE_CHECKING:
+    from caa_local.core.condition import Condition
 
 ABSURD_MULTIPLIER = 50.0
 
@@ -27,9 +31,16 @@ class SteeringTerm:
     # The model shape (n_embd, n_layer) this term was validated for; set by the engine, which
     # then never checks the vector again.
     checked_for: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+    # Conditions (core/condition.py): the term applies to an answer only when one fires (OR).
+    conditions: tuple[Condition, ...] = ()
 
     def describe(self) -> str:
-        return f"{self.name} x{self.scale:+g} @ {format_layers(self.layers)}"
+        when = f" {' or '.join(c.describe() for c in self.conditions)}" if self.conditions else ""
+        return f"{self.name} x{self.scale:+g} @ {format_layers(self.layers)}{when}"
+
+    def with_conditions(self, conditions: Sequence[Condition]) -> SteeringTerm:
+        """The same term, applied only when one of ``conditions`` fires (none: always)."""
+        return replace(self, conditions=tuple(conditions))
 
     def with_scale(self, scale: float) -> SteeringTerm:
         """The same vector and layers at another multiplier (stays validated)."""
@@ -41,7 +52,7 @@ class SteeringTerm:
         if self.checked_for is not None:
             for layer in moved.layers:
                 check_steerable(layer, self.checked_for[1])
-        return replace(moved, checked_for=self.checked_for)
+        return replace(moved, checked_for=self.checked_for, conditions=self.conditions)
 
 
 def default_layers(vector: ControlVector) -> tuple[int, ...]:
@@ -86,6 +97,8 @@ def make_term(name: str, vector: ControlVector, scale: float,
 
     Model-independent checks only; ``Engine.make_term`` adds the model's.
     """
+    if vector.kind == "condition":
+        raise CaaError(f"{name}: is a condition, not a behavior vector (use it with --when {name})")
     chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
     missing = [layer for layer in chosen if layer not in vector.directions]
     if missing:
@@ -125,13 +138,19 @@ class Steering:
     def __bool__(self) -> bool:
         return any(t.scale != 0.0 for t in self._terms.values())
 
+    @property
+    def conditional(self) -> tuple[SteeringTerm, ...]:
+        """The terms that wait for a condition (left out of ``buffer``)."""
+        return tuple(t for t in self._terms.values() if t.conditions)
+
     def describe(self) -> str:
         return "; ".join(t.describe() for t in self._terms.values()) or "off"
 
     def to_dict(self) -> list[dict[str, object]]:
         return [
             {"name": t.name, "scale": t.scale, "layers": list(t.layers),
-             "behavior": t.vector.metadata.get("behavior", "")}
+             "behavior": t.vector.metadata.get("behavior", ""),
+             **({"when": [c.describe() for c in t.conditions]} if t.conditions else {})}
             for t in self._terms.values()
         ]
 
@@ -141,10 +160,14 @@ class Steering:
             return None
         summed: dict[int, npt.NDArray[np.float32]] = {}
         for term in self._terms.values():
+            if term.conditions:  # applied only once a condition fires (Engine.generate)
+                continue
             if term.checked_for != (n_embd, n_layer):  # validated once, where it entered
                 term.vector.check_fits(n_embd, n_layer, where=term.name)
             for layer in term.layers:
                 add = term.vector.directions[layer] * np.float32(term.scale)
                 summed[layer] = summed[layer] + add if layer in summed else add
+        if not summed:
+            return None
         buf = cvec_buffer(summed, n_embd, n_layer)
         return buf, min(summed), max(summed)

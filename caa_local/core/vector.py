@@ -113,6 +113,11 @@ class ControlVector:
     def n_embd(self) -> int:
         return next(iter(self.directions.values())).size
 
+    @property
+    def kind(self) -> str:
+        """'behavior' (a steering vector) or 'condition' (CAST, core/condition.py): ``caa.kind``."""
+        return self.metadata.get("kind", "behavior")
+
     def norms(self) -> dict[int, float]:
         return {layer: float(np.linalg.norm(v)) for layer, v in self.directions.items()}
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from caa_local.core.condition import Condition, ConditionCheck, make_check, make_condition
 from caa_local.core.errors import CaaError, ModelLoadError, ModelMismatchError
 from caa_local.core.locate import resolve_gguf
 from caa_local.core.steering import Steering, SteeringTerm, check_multiplier
@@ -63,6 +64,7 @@ class GenerationResult:
     prompt_seconds: float
     decode_seconds: float
     steering: list[dict[str, object]] = field(default_factory=list)
+    conditions: list[dict[str, object]] = field(default_factory=list)  # per condition checked: score, fired
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -188,6 +190,7 @@ class Engine:
         self._template: ChatTemplate | None = None  # this context's choice (--chat-template, --format base)
         self._n_threads_asked = n_threads
         self._n_batch = n_batch
+        self._probe: _native.RowProbe | None = None  # reads block outputs for conditions (core/condition.py)
 
     @property
     def model(self) -> Model:
@@ -294,7 +297,13 @@ class Engine:
         if term.checked_for == (self.n_embd, self.n_layer):
             check_multiplier(term.scale)
             return term
-        return self.make_term(term.name, term.vector, term.scale, term.layers, any_arch=True)
+        return self.make_term(term.name, term.vector, term.scale, term.layers, any_arch=True).with_conditions(term.conditions)
+
+    def make_condition(self, name: str, vector: ControlVector, threshold: float | None = None,
+                       invert: bool = False, any_arch: bool = False) -> Condition:
+        """A condition (a calibrated ``caa.kind = condition`` file) checked against this model;
+        ``threshold`` overrides the calibrated one. Terms carry it with ``with_conditions``."""
+        return make_condition(name, vector, self.n_embd, self.n_layer, self.architecture, threshold, invert, any_arch)
 
     def steer(self, name: str, vector: ControlVector, scale: float,
               layers: Sequence[int] | None = None, any_arch: bool = False) -> SteeringTerm:
@@ -339,14 +348,29 @@ class Engine:
         self._model.require_steerable()
 
     # -- generation -------------------------------------------------------------------------
+    def _watch(self, layers: Sequence[int]) -> _native.RowProbe:
+        """The probe reading ``layers`` while decoding; the first one (or one more layer) rebuilds
+        the context with llama.cpp's eval callback, so contexts without conditions never carry it."""
+        if self._probe is None or not set(layers) <= set(self._probe.layers):
+            wanted = sorted(set(layers) | set(self._probe.layers if self._probe else ()))
+            try:
+                self._probe = _native.RowProbe.attach(self._session, wanted)
+            except ValueError as err:
+                raise CaaError(f"condition layers: {err}") from None
+        return self._probe
+
     def _feed(self, tokens: list[int], steer_from: int, headroom: int,
-              should_stop: Callable[[], bool] | None) -> tuple[int, bool]:
+              should_stop: Callable[[], bool] | None,
+              check: ConditionCheck | None = None) -> tuple[int, bool, list[dict[str, object]]]:
         """Bring the KV cache to ``tokens``: positions before ``steer_from`` unsteered, the
         rest with the current steering. Reuses the longest cached prefix decoded exactly so.
+        With ``check``, its span is read while the unsteered part decodes, and the terms its
+        conditions pick join the steering before the first steered token.
 
-        Returns (tokens reused, whether should_stop ended it early).
+        Returns (tokens reused, whether should_stop ended it early, the conditions' report).
         """
         session = self._session
+        probe = self._watch(check.layers) if check is not None else None
         if len(tokens) + max(headroom, 1) > session.n_ctx:
             raise ContextFullError(
                 f"prompt of {len(tokens)} tokens + {headroom} to generate does not fit "
@@ -354,13 +378,26 @@ class Engine:
             )
         # The last token is always decoded again: its logits start the answer.
         keep = min(session.reusable(tokens, steer_from), len(tokens) - 1)
+        if check is not None:
+            keep = min(keep, check.span[0])  # the span is read as it decodes
         session.truncate(keep)
+        report: list[dict[str, object]] = []
         try:
-            done = (session.decode(tokens[keep:steer_from], False, should_stop)
-                    and session.decode(tokens[max(keep, steer_from):], True, should_stop))
+            if probe is not None and check is not None:
+                probe.arm(check.span[0] - keep, check.span[1] - keep)
+                try:
+                    done = session.decode(tokens[keep:steer_from], False, should_stop)
+                finally:
+                    probe.disarm()  # an idle probe leaves the graph unsplit
+                if done:
+                    terms, report = check.decide(dict(zip(probe.layers, probe.means())))
+                    self._install(Steering([*self._steering.terms, *terms]))
+            else:
+                done = session.decode(tokens[keep:steer_from], False, should_stop)
+            done = done and session.decode(tokens[max(keep, steer_from):], True, should_stop)
         except _native.ContextFullError as err:
             raise ContextFullError(str(err)) from None
-        return keep, not done
+        return keep, not done, report
 
     def generate(
         self,
@@ -376,10 +413,13 @@ class Engine:
         ``on_piece`` returning False ends the answer (stop_reason 'callback');
         ``should_stop()`` is polled between prompt batches and tokens (True: 'stopped').
         Ctrl-C stops the answer: the result then has stop_reason 'interrupted' and keeps the
-        text generated so far (the caller decides whether to keep it).
+        text generated so far (the caller decides whether to keep it). Terms with conditions
+        apply only when one fires on the last user message (``result.conditions`` says).
         """
         tokens, steer_from = self.prompt(messages, suffix, positions)
-        return self.generate_tokens(tokens, steer_from, sampling, on_piece, should_stop)
+        waiting = self._steering.conditional
+        check = make_check(self.template, self.tokenize, messages, tokens, steer_from, waiting) if waiting else None
+        return self.generate_tokens(tokens, steer_from, sampling, on_piece, should_stop, check)
 
     def generate_tokens(
         self,
@@ -388,9 +428,22 @@ class Engine:
         sampling: Sampling = Sampling(),
         on_piece: Callable[[str], bool | None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        check: ConditionCheck | None = None,
     ) -> GenerationResult:
         """``generate`` from a prompt already rendered and tokenized (``prompt()``): positions
-        before ``steer_from`` are decoded unsteered, the rest with the current steering."""
+        before ``steer_from`` are decoded unsteered, the rest with the current steering, plus
+        the terms of ``check`` whose conditions fire on this prompt (for this answer only)."""
+        if check is None:
+            return self._generate_tokens(tokens, steer_from, sampling, on_piece, should_stop)
+        saved = self._steering
+        try:
+            return self._generate_tokens(tokens, steer_from, sampling, on_piece, should_stop, check)
+        finally:
+            self._install(saved)
+
+    def _generate_tokens(self, tokens: Sequence[int], steer_from: int, sampling: Sampling,
+                         on_piece: Callable[[str], bool | None] | None, should_stop: Callable[[], bool] | None,
+                         check: ConditionCheck | None = None) -> GenerationResult:
         if sampling.max_tokens < 1:
             raise CaaError(f"max tokens must be at least 1, got {sampling.max_tokens}")
         if not tokens:
@@ -400,12 +453,12 @@ class Engine:
         tokens = list(tokens)
         session = self._session
         max_tokens = min(sampling.max_tokens, session.n_ctx)  # the context bounds any answer
-        steering = self._steering.to_dict()
         start = time.perf_counter()
-        reused, stopped = self._feed(tokens, steer_from, min(max_tokens, 16), should_stop)
+        reused, stopped, report = self._feed(tokens, steer_from, min(max_tokens, 16), should_stop, check)
         prompt_seconds = time.perf_counter() - start
+        steering = self._steering.to_dict()
         if stopped:
-            return GenerationResult("", [], "stopped", len(tokens), reused, prompt_seconds, 0.0, steering)
+            return GenerationResult("", [], "stopped", len(tokens), reused, prompt_seconds, 0.0, steering, report)
         pieces: list[str] = []
 
         def collect(piece: str) -> bool:
@@ -427,7 +480,7 @@ class Engine:
             text="".join(pieces), tokens=list(out), stop_reason=reason,
             n_prompt_tokens=len(tokens), n_reused_tokens=reused,
             prompt_seconds=prompt_seconds, decode_seconds=time.perf_counter() - start,
-            steering=steering,
+            steering=steering, conditions=report,
         )
 
     def reset(self) -> None:

@@ -75,7 +75,8 @@ def make_report(
     from caa_local.core.vector import ControlVector
 
     out_dir, vectors_dir = Path(out_dir), Path(vectors_dir)
-    paths = sorted(vectors_dir.glob("*.gguf"))
+    # Condition vectors (caa.kind = condition) gate steering; they steer nothing themselves.
+    paths = [p for p in sorted(vectors_dir.glob("*.gguf")) if ControlVector.load(p).kind != "condition"]
     if not paths:
         raise CaaError(f"{vectors_dir}: no .gguf vectors to report on")
     readme = out_dir / "README.md"

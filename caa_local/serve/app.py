@@ -150,7 +150,8 @@ def create_app(config: ServeConfig, engine: Engine, pool: SlotPool, library: Vec
                               finish_reason(result.stop_reason, outcome.stopped_by_string),
                               usage(result.n_prompt_tokens, len(result.tokens), result.n_reused_tokens),
                               meta["steering"]),
-            "steering_positions": plan.positions})
+            "steering_positions": plan.positions,
+            **({"conditions": result.conditions} if result.conditions else {})})
 
     return app
 
@@ -254,8 +255,9 @@ async def stream_frames(pool: SlotPool, plan: Plan, lease: Lease, meta: dict[str
             async for event in events:
                 if isinstance(event, Outcome):
                     result = event.result
+                    checked = {"conditions": result.conditions} if result.conditions else {}
                     yield sse.frame(chunk_body(cid, created, model, {},
-                                               finish_reason(result.stop_reason, event.stopped_by_string)))
+                                               finish_reason(result.stop_reason, event.stopped_by_string), **checked))
                     if include_usage:
                         yield sse.frame({"id": cid, "object": "chat.completion.chunk", "created": created,
                                          "model": model, "choices": [],

@@ -106,6 +106,7 @@ def describe_entry(entry: Entry) -> dict[str, Any]:
     return {
         "id": entry.name,
         "object": "vector",
+        "kind": vector.kind,
         "behavior": vector.metadata.get("behavior", ""),
         "layers": vector.layers,
         "model_hint": vector.model_hint,

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from caa_local.core.condition import Condition
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers, parse_layer_spec
 from caa_local.core.steering import SteeringTerm, default_layers
@@ -70,7 +71,23 @@ class Defaults:
 def steering_echo(terms: Sequence[SteeringTerm]) -> list[dict[str, Any]]:
     # A vector named twice in one request gets the term name "id#i"; the echo gives the id back.
     return [{"vector": t.name.split("#")[0], "scale": t.scale, "layers": list(t.layers),
-             "describe": t.describe()} for t in terms]
+             "describe": t.describe(),
+             **({"when": [{"condition": c.name, "threshold": c.threshold, "comparison": c.comparison,
+                           "invert": c.invert, "layer": c.layer} for c in t.conditions]} if t.conditions else {})}
+            for t in terms]
+
+
+def conditions_of(engine: Engine, library: VectorLibrary, item: SteeringItem, where: str) -> list[Condition]:
+    """The item's `when` conditions, looked up by id and checked against the model."""
+    out = []
+    for j, when in enumerate(item.conditions()):
+        param = f"{where}.when[{j}]"
+        entry = library.get(when.condition, param)
+        try:
+            out.append(engine.make_condition(entry.name, entry.vector, when.threshold, when.invert))
+        except CaaError as err:
+            raise ApiError(f"{param}: {err}", "invalid_request", param, "invalid_condition") from None
+    return out
 
 
 def parse_layers(value: str | int | list[int] | None, n_layer: int, param: str) -> list[int] | None:
@@ -94,6 +111,10 @@ def make_terms(engine: Engine, library: VectorLibrary, items: Sequence[SteeringI
     for i, item in enumerate(items):
         where = f"steering[{i}]"
         entry = library.get(item.vector, f"{where}.vector")
+        if entry.vector.kind == "condition":
+            raise ApiError(f"{where}.vector: {entry.name!r} is a condition, not a behavior vector (use it in 'when')",
+                           "invalid_request", f"{where}.vector", "invalid_vector")
+        conditions = conditions_of(engine, library, item, where)
         if not math.isfinite(item.scale) or abs(item.scale) > config.max_scale:
             raise ApiError(f"{where}.scale: expected a finite number within ±{config.max_scale:g}, got {item.scale!r}",
                            "invalid_request", f"{where}.scale", "scale_out_of_range")
@@ -103,7 +124,7 @@ def make_terms(engine: Engine, library: VectorLibrary, items: Sequence[SteeringI
                 else list(default_layers(entry.vector))
             name = entry.name if entry.name not in used else f"{entry.name}#{i}"
             used.add(name)
-            terms.append(engine.make_term(name, entry.vector, item.scale, chosen))
+            terms.append(engine.make_term(name, entry.vector, item.scale, chosen).with_conditions(conditions))
         except CaaError as err:
             raise ApiError(f"{where}.layers: {err}", "invalid_request", f"{where}.layers", "invalid_layers") from None
     return terms

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from caa_local.serve.errors import clip
 from caa_local.serve.limits import MAX_CONTENT_PARTS, MAX_LAYER_ITEMS, MAX_NAME_CHARS
@@ -45,6 +45,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_WHEN_ITEMS = 8  # conditions OR-ed on one steering term
+
+
+class WhenItem(BaseModel):
+    """A condition on a steering term (CAST): a condition id, optionally its threshold and "unless"."""
+
+    model_config = ConfigDict(extra="forbid")
+    condition: Name = Field(description="A condition id from GET /v1/vectors (kind 'condition').")
+    threshold: float | None = Field(default=None, allow_inf_nan=False,
+                                    description="Overrides the calibrated threshold; finite.")
+    invert: bool = Field(default=False, description="Apply the term unless the condition fires.")
+
+
 class SteeringItem(BaseModel):
     """One vector at one scale, optionally on chosen layers (default: the vector's recommended one)."""
 
@@ -53,6 +66,18 @@ class SteeringItem(BaseModel):
     scale: float = Field(allow_inf_nan=False, description="Multiplier; finite, within the server's bound.")
     layers: Union[Name, int, Annotated[list[int], Field(max_length=MAX_LAYER_ITEMS)], None] = Field(
         default=None, description="'13', '10-14', '4,8', 'all', an int or a list; default: recommended layer.")
+    when: Union[Annotated[list[WhenItem], Field(max_length=MAX_WHEN_ITEMS)], None] = Field(
+        default=None, description="Apply this term only when the condition fires on the last user message: "
+                                  "a condition id, a {condition, threshold, invert} object, or a list of them (OR).")
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _when_list(cls, value: Any) -> Any:
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        return [{"condition": w} if isinstance(w, str) else w for w in items] if value is not None else None
+
+    def conditions(self) -> list[WhenItem]:
+        return list(self.when or [])
 
 
 class ChatCompletionRequest(BaseModel):

@@ -113,6 +113,12 @@ async function loadLibrary() {
   const list = $("library");
   list.replaceChildren();
   for (const v of data.data) {
+    if (v.kind === "condition") {  // gates a term ("when"); steers nothing itself
+      list.append(el("li", { class: v.fits ? "" : "unfit" },
+        el("div", { class: "row" }, el("strong", {}, v.id), el("span", { class: "badge ok" }, "condition")),
+        el("div", { class: "muted" }, "choose it in a vector's “when” menu")));
+      continue;
+    }
     const recommended = v.recommended_layer !== null
       ? `layer ${v.recommended_layer}, x${fmt(v.recommended_multiplier ?? 1)}` : `layers ${v.layers.join(",")}`;
     const item = el("li", { class: v.fits ? "" : "unfit" },
@@ -169,8 +175,14 @@ function renderActive() {
     const select = el("select", { "aria-label": `${term.vector} layer`, onchange: (e) => { term.layer = e.target.value; } },
       ...layers.map((l) => el("option", { value: String(l), selected: String(l) === String(term.layer) }, `layer ${l}`)));
     if (layers.length > 1) select.append(el("option", { value: "all", selected: term.layer === "all" }, "all layers"));
+    const conditions = [...state.vectors.values()].filter((c) => c.kind === "condition" && c.fits).map((c) => c.id);
+    const when = el("select", { "aria-label": `${term.vector} when`, onchange: (e) => { term.when = e.target.value; } },
+      el("option", { value: "" }, "always"),
+      ...conditions.flatMap((c) => [el("option", { value: c, selected: term.when === c }, `when ${c}`),
+        el("option", { value: "!" + c, selected: term.when === "!" + c }, `unless ${c}`)]));
     list.append(el("li", {},
       el("div", { class: "row" }, el("label", { for: `scale-${i}` }, el("strong", {}, term.vector)), value, select,
+        ...(conditions.length ? [when] : []),
         el("button", { type: "button", "aria-label": `Remove ${term.vector}`,
           title: "Remove", onclick: () => { state.active.splice(i, 1); renderActive(); } }, "✕")),
       slider));
@@ -178,12 +190,20 @@ function renderActive() {
 }
 
 function steeringBody() {
-  return state.active.map((t) => ({ vector: t.vector, scale: t.scale, layers: t.layer }));
+  return state.active.map((t) => ({ vector: t.vector, scale: t.scale, layers: t.layer,
+    ...(t.when ? { when: { condition: t.when.replace(/^!/, ""), invert: t.when.startsWith("!") } } : {}) }));
 }
 
 function label(steering) {
-  return steering.length ? steering.map((t) => `${t.vector} x${fmt(t.scale)} @ ${t.layers.join(",")}`).join(" + ")
+  return steering.length ? steering.map((t) => `${t.vector} x${fmt(t.scale)} @ ${t.layers.join(",")}` +
+    (t.when ? " " + t.when.map((c) => (c.invert ? "unless " : "when ") + c.condition).join(" or ") : "")).join(" + ")
     : "unsteered";
+}
+
+// What each condition decided for this answer: "when work: fired (0.00114 < 0.107)".
+function conditionsLabel(conditions) {
+  return conditions.map((c) => `${c.invert ? "unless" : "when"} ${c.condition}: ${c.fired ? "fired" : "not fired"} ` +
+    `(${c.score.toPrecision(3)} ${c.comparison === "above" ? ">" : "<"} ${c.threshold.toPrecision(3)})`).join("; ");
 }
 
 // -- chat -------------------------------------------------------------------------------------
@@ -249,6 +269,10 @@ async function runAnswer(answer, body, node) {
         textNode.textContent = answer.text;
       }
       if (choice.finish_reason) answer.finish = choice.finish_reason;
+      if (chunk.conditions) {
+        answer.label += ` · ${conditionsLabel(chunk.conditions)}`;
+        node.querySelector(".label").textContent = answer.label;
+      }
     }
     node.classList.add("done");
   } catch (err) {
