@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
 
 from caa_local.core.errors import CaaError
-from caa_local.core.layers import check_steerable, cvec_buffer, format_layers, no_direction
+from caa_local.core.layers import cvec_buffer, format_layers, no_direction
 from caa_local.core.vector import ControlVector
 
 ABSURD_MULTIPLIER = 50.0
@@ -18,30 +18,31 @@ ABSURD_MULTIPLIER = 50.0
 
 @dataclass(frozen=True)
 class SteeringTerm:
-    """One vector at one scale on some of its layers (build it with ``make_term``)."""
+    """One vector at one scale on some of its layers (build it with ``make_term``; the
+    model-dependent checks happen where it meets a model, in ``Steering.buffer``)."""
 
     name: str
     vector: ControlVector
     scale: float
     layers: tuple[int, ...]
-    # The model shape (n_embd, n_layer) this term was validated for; set by the engine, which
-    # then never checks the vector again.
-    checked_for: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", check_multiplier(self.scale))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise CaaError(f"vector {self.name!r}: no layers to steer")
+        missing = [layer for layer in self.layers if layer not in self.vector.directions]
+        if missing:
+            raise no_direction(f"vector {self.name!r}", missing[0], self.vector.layers)
 
     def describe(self) -> str:
         return f"{self.name} x{self.scale:+g} @ {format_layers(self.layers)}"
 
-    def with_scale(self, scale: float) -> SteeringTerm:
-        """The same vector and layers at another multiplier (stays validated)."""
-        return replace(self, scale=check_multiplier(scale))
-
-    def with_layers(self, layers: Sequence[int]) -> SteeringTerm:
-        """The same vector and multiplier on other layers, each held by the vector (stays validated)."""
-        moved = make_term(self.name, self.vector, self.scale, layers)
-        if self.checked_for is not None:
-            for layer in moved.layers:
-                check_steerable(layer, self.checked_for[1])
-        return replace(moved, checked_for=self.checked_for)
+    def at(self, layer: int | Sequence[int] | None = None, scale: float | None = None) -> SteeringTerm:
+        """The same vector on other layers (one or several, each held by the vector) and/or at
+        another multiplier."""
+        layers = self.layers if layer is None else tuple(sorted({layer} if isinstance(layer, int) else set(layer)))
+        return replace(self, layers=layers, scale=self.scale if scale is None else scale)
 
 
 def default_layers(vector: ControlVector) -> tuple[int, ...]:
@@ -86,11 +87,7 @@ def make_term(name: str, vector: ControlVector, scale: float,
 
     Model-independent checks only; ``Engine.make_term`` adds the model's.
     """
-    chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
-    missing = [layer for layer in chosen if layer not in vector.directions]
-    if missing:
-        raise no_direction(f"vector {name!r}", missing[0], vector.layers)
-    return SteeringTerm(name, vector, check_multiplier(scale), chosen)
+    return SteeringTerm(name, vector, scale, default_layers(vector)).at(layers or None)
 
 
 class Steering:
@@ -141,8 +138,7 @@ class Steering:
             return None
         summed: dict[int, npt.NDArray[np.float32]] = {}
         for term in self._terms.values():
-            if term.checked_for != (n_embd, n_layer):  # validated once, where it entered
-                term.vector.check_fits(n_embd, n_layer, where=term.name)
+            term.vector.check_fits(n_embd, n_layer, where=term.name)
             for layer in term.layers:
                 add = term.vector.directions[layer] * np.float32(term.scale)
                 summed[layer] = summed[layer] + add if layer in summed else add
