@@ -19,6 +19,11 @@ An Engine (one llama.cpp context: KV cache, steering, decode) is the only door t
 ``steer``, ``unsteer``, ``set_steering`` and the scoped ``steered()``/``unsteered()``;
 ``engine.steering`` is a read-only snapshot. Contexts of one Model are independent and can
 decode from different threads at once (the native decode loops release the GIL).
+
+Prompts go through the GGUF's own chat template; one without a template is refused until a
+context chooses one (``use_template("llama2")``, the CLI's ``--chat-template``). Batched A/B
+scoring and block-output reads live beside the engine (``caa_local.engine.scoring``,
+``caa_local.engine.reads``) and reach llama.cpp through ``scorer()`` and ``reader()``.
 """
 
 from __future__ import annotations
@@ -201,9 +206,11 @@ class Engine:
 
     def new_context(self, n_ctx: int | None = None) -> Engine:
         """Another context on the same loaded model (alias of ``model.context``), with this
-        one's threads and batch size, its own KV cache and no steering."""
-        return Engine(self._model, self.n_ctx if n_ctx is None else n_ctx, self._n_threads_asked,
-                      n_batch=self._n_batch)
+        one's threads, batch size and chat template, its own KV cache and no steering."""
+        context = Engine(self._model, self.n_ctx if n_ctx is None else n_ctx, self._n_threads_asked,
+                         n_batch=self._n_batch)
+        context._template = self._template
+        return context
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -289,8 +296,9 @@ class Engine:
 
     def make_term(self, name: str, vector: ControlVector, scale: float,
                   layers: Sequence[int] | None = None, any_arch: bool = False) -> SteeringTerm:
-        """A term checked once against this model: shapes and layers always, the vector's
-        architecture hint unless ``any_arch``."""
+        """A term checked against this model: shapes and layers always, the vector's
+        architecture hint unless ``any_arch`` (the hint is checked here only: a term made with
+        ``any_arch`` stays accepted wherever it goes, e.g. as a scoring setting)."""
         vector.check_fits(self.n_embd, self.n_layer, name)
         if vector.model_hint != self.architecture and not any_arch:
             raise ModelMismatchError(
