@@ -209,7 +209,8 @@ class Engine:
         one's threads, batch size and chat template, its own KV cache and no steering."""
         context = Engine(self._model, self.n_ctx if n_ctx is None else n_ctx, self._n_threads_asked,
                          n_batch=self._n_batch)
-        context._template = self._template
+        if self._template is not None:
+            context.template = self._template
         return context
 
     # -- facts ------------------------------------------------------------------------------
