@@ -2,6 +2,7 @@
 // A Model is loaded once and shared (shared_ptr) by every Session made on it. Long llama.cpp
 // work runs with the GIL released, so Sessions on other threads decode at the same time;
 // Ctrl-C and should_stop() are checked between batches and tokens.
+#include "numpy.h"
 #include "scorer.h"
 #include "session.h"
 
@@ -51,13 +52,6 @@ caa::Steering to_steering(const caa::Model & m, FloatMatrix buf, int32_t il_star
     return steering;
 }
 
-template <typename T>
-nb::ndarray<nb::numpy, T> to_numpy(std::vector<T> && values, std::initializer_list<size_t> shape) {
-    auto * heap = new std::vector<T>(std::move(values));
-    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<T> *>(p); });
-    return nb::ndarray<nb::numpy, T>(heap->data(), shape, owner);
-}
-
 } // namespace
 
 void bind_reader(nb::module_ & m);    // reader_bindings.cpp
@@ -67,7 +61,7 @@ void bind_condition(nb::module_ & m); // condition_bindings.cpp
 NB_MODULE(_native, m) {
     m.doc() = "caa-local's llama.cpp engine: steered generation and batched scoring";
     nb::exception<caa::ContextFullError>(m, "ContextFullError", PyExc_RuntimeError);
-    m.attr("LLAMA_MAX_SEQ") = caa::kMaxSequences;
+    m.attr("LLAMA_MAX_SEQ") = caa::max_sequences();
 
     nb::class_<caa::Model>(m, "Model")
         .def(nb::init<const std::string &, int32_t, const std::vector<std::string> &>(), "path"_a,
@@ -188,7 +182,7 @@ NB_MODULE(_native, m) {
                      nb::gil_scoped_release release;
                      out = s.layer_outputs(tokens, steer_from);
                  }
-                 return to_numpy(std::move(out), {static_cast<size_t>(s.model().n_layer()),
+                 return caa::to_numpy(std::move(out), {static_cast<size_t>(s.model().n_layer()),
                                                   static_cast<size_t>(s.model().n_embd())});
              },
              "tokens"_a, "steer_from"_a,
@@ -200,7 +194,7 @@ NB_MODULE(_native, m) {
                      nb::gil_scoped_release release;
                      out = s.logits_after(tokens, steer_from);
                  }
-                 return to_numpy(std::move(out), {static_cast<size_t>(s.model().n_vocab())});
+                 return caa::to_numpy(std::move(out), {static_cast<size_t>(s.model().n_vocab())});
              },
              "tokens"_a, "steer_from"_a, "Next-token logits after tokens, in a fresh context.");
 
@@ -222,7 +216,7 @@ NB_MODULE(_native, m) {
                      nb::gil_scoped_release release;
                      out = sc.score(continuations, n_scored, steering);
                  }
-                 return to_numpy(std::move(out),
+                 return caa::to_numpy(std::move(out),
                                  {static_cast<size_t>(sc.n_questions()), static_cast<size_t>(sc.n_options())});
              },
              "continuations"_a, "n_scored"_a, "buf"_a = nb::none(), "il_start"_a = -1, "il_end"_a = -1,

@@ -56,15 +56,6 @@ bool read_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;
 }
 
-void add_token(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_id seq, bool output) {
-    const int32_t k = batch.n_tokens++;
-    batch.token[k] = token;
-    batch.pos[k] = pos;
-    batch.n_seq_id[k] = 1;
-    batch.seq_id[k][0] = seq;
-    batch.logits[k] = output;
-}
-
 } // namespace
 
 Reader::Reader(const Session & session, std::vector<llama_token> prefix, std::vector<int32_t> layers,
@@ -75,9 +66,9 @@ Reader::Reader(const Session & session, std::vector<llama_token> prefix, std::ve
     if (layers_.empty() || max_pairs < 1 || max_len < 2) {
         throw std::invalid_argument("reader needs layers, max_pairs >= 1 and max_len >= 2");
     }
-    if (static_cast<uint32_t>(max_pairs) + 1 > kMaxSequences) {
+    if (static_cast<uint32_t>(max_pairs) + 1 > max_sequences()) {
         throw std::invalid_argument(std::to_string(max_pairs) + " pairs exceed llama.cpp's " +
-                                    std::to_string(kMaxSequences - 1) + " sequences beside the prefix");
+                                    std::to_string(max_sequences() - 1) + " sequences beside the prefix");
     }
     if (prefix_.size() >= static_cast<size_t>(max_len)) {
         throw std::invalid_argument("prefix of " + std::to_string(prefix_.size()) + " tokens leaves no room in " +
@@ -138,18 +129,17 @@ void Reader::decode(llama_batch & batch, const std::vector<ReadPick> & picks, fl
     }
 }
 
-std::vector<float> Reader::read(const std::vector<std::vector<llama_token>> & seqs, const std::vector<int32_t> & shared,
-                                const std::vector<int32_t> & n_read, const std::function<void()> & check_interrupt) {
-    const size_t n_pairs = shared.size();
-    if (seqs.size() != 2 * n_pairs || n_read.size() != 2 * n_pairs) {
-        throw std::invalid_argument("expected 2 sequences and 2 read spans per pair, got " + std::to_string(seqs.size()) +
-                                    " and " + std::to_string(n_read.size()) + " for " + std::to_string(n_pairs) + " pairs");
+void Reader::check_request(const Request & r) const {
+    const size_t n_pairs = r.shared.size();
+    if (r.seqs.size() != 2 * n_pairs || r.n_read.size() != 2 * n_pairs) {
+        throw std::invalid_argument("expected 2 sequences and 2 read spans per pair, got " + std::to_string(r.seqs.size()) +
+                                    " and " + std::to_string(r.n_read.size()) + " for " + std::to_string(n_pairs) + " pairs");
     }
     const size_t g = prefix_.size();
     for (size_t p = 0; p < n_pairs; ++p) {
-        const auto & a = seqs[2 * p];
-        const auto & b = seqs[2 * p + 1];
-        const size_t s = static_cast<size_t>(std::max(shared[p], 0));
+        const auto & a = r.seqs[2 * p];
+        const auto & b = r.seqs[2 * p + 1];
+        const size_t s = static_cast<size_t>(std::max(r.shared[p], 0));
         const std::string where = "pair " + std::to_string(p) + ": ";
         if (a.size() > static_cast<size_t>(max_len_) || b.size() > static_cast<size_t>(max_len_)) {
             throw std::invalid_argument(where + "sequences of " + std::to_string(a.size()) + " and " +
@@ -157,109 +147,127 @@ std::vector<float> Reader::read(const std::vector<std::vector<llama_token>> & se
         }
         if (s < g || s >= a.size() || s >= b.size() || !std::equal(a.begin(), a.begin() + s, b.begin()) ||
             !std::equal(prefix_.begin(), prefix_.end(), a.begin())) {
-            throw std::invalid_argument(where + "shared length " + std::to_string(shared[p]) +
+            throw std::invalid_argument(where + "shared length " + std::to_string(r.shared[p]) +
                                         " must cover the common prefix and leave each sequence a token of its own");
         }
         for (int k = 0; k < 2; ++k) {
-            const auto & seq = seqs[2 * p + k];
-            if (n_read[2 * p + k] < 1 || static_cast<size_t>(n_read[2 * p + k]) > seq.size() - g) {
-                throw std::invalid_argument(where + "read span " + std::to_string(n_read[2 * p + k]) + " outside 1.." +
+            const auto & seq = r.seqs[2 * p + k];
+            if (r.n_read[2 * p + k] < 1 || static_cast<size_t>(r.n_read[2 * p + k]) > seq.size() - g) {
+                throw std::invalid_argument(where + "read span " + std::to_string(r.n_read[2 * p + k]) + " outside 1.." +
                                             std::to_string(seq.size() - g));
             }
             model_->check_tokens(seq);
         }
     }
+}
 
+void Reader::flush(const Request & r, Fill & fill) {
+    if (r.check_interrupt) {
+        r.check_interrupt();
+    }
+    decode(fill.holder.batch, fill.picks, r.out);
+    fill.picks.clear();
+    fill.n_out = 0;
+}
+
+void Reader::add(const Request & r, Fill & fill, size_t p, int k, size_t i, llama_seq_id seq, bool both) {
+    llama_batch & batch = fill.holder.batch;
     const size_t n_layers = layers_.size();
-    const size_t n_embd = static_cast<size_t>(model_->n_embd());
-    std::vector<float> out(n_pairs * 2 * n_layers * n_embd, 0.0f);
-    llama_memory_t mem = llama_get_memory(ctx_.get());
-    BatchPtr holder(static_cast<int32_t>(n_batch_));
-    llama_batch & batch = holder.batch;
-    std::vector<ReadPick> picks;
-    const llama_seq_id prefix_seq = max_pairs_;
-    int32_t n_out = 0; // output tokens in the batch so far
-    auto flush = [&] {
-        if (check_interrupt) {
-            check_interrupt();
+    const size_t n_embd = static_cast<size_t>(probe_.n_embd);
+    bool wanted = false;
+    for (int kk = both ? 0 : k; kk <= (both ? 1 : k); ++kk) {
+        const auto & s = r.seqs[2 * p + kk];
+        const size_t first = s.size() - static_cast<size_t>(r.n_read[2 * p + kk]);
+        if (i >= first) {
+            const size_t dst = (p * 2 + kk) * n_layers * n_embd;
+            fill.picks.push_back({batch.n_tokens, -1, dst, 1.0f / static_cast<float>(r.n_read[2 * p + kk])});
+            wanted = true;
         }
-        decode(batch, picks, out.data());
-        picks.clear();
-        n_out = 0;
-    };
-    // Adds token i of sequence 2p+k to the batch in stream `seq`; `both`: the token is in the
-    // part the pair shares, so a read there counts for both of its sequences.
-    auto add = [&](size_t p, int k, size_t i, llama_seq_id seq, bool both) {
-        bool wanted = false;
-        for (int kk = both ? 0 : k; kk <= (both ? 1 : k); ++kk) {
-            const auto & s = seqs[2 * p + kk];
-            const size_t first = s.size() - static_cast<size_t>(n_read[2 * p + kk]);
-            if (i >= first) {
-                const size_t dst = (p * 2 + kk) * n_layers * n_embd;
-                picks.push_back({batch.n_tokens, -1, dst, 1.0f / static_cast<float>(n_read[2 * p + kk])});
-                wanted = true;
-            }
+    }
+    if (wanted && outputs_needed_) {
+        for (auto it = fill.picks.rbegin(); it != fill.picks.rend() && it->row == batch.n_tokens; ++it) {
+            it->output = fill.n_out;
         }
-        if (wanted && outputs_needed_) {
-            for (auto it = picks.rbegin(); it != picks.rend() && it->row == batch.n_tokens; ++it) {
-                it->output = n_out;
-            }
-            ++n_out;
-        }
-        add_token(batch, seqs[2 * p + k][i], static_cast<llama_pos>(i), seq, wanted && outputs_needed_);
-    };
+        ++fill.n_out;
+    }
+    add_token(batch, r.seqs[2 * p + k][i], static_cast<llama_pos>(i), seq, wanted && outputs_needed_);
+}
 
+std::vector<size_t> Reader::stream_order(const Request & r, size_t start, size_t n) const {
+    // Streams in order of the answers' lengths, so equal lengths sit in consecutive sequence
+    // ids: llama.cpp then decodes them as one ubatch, in batch order. (It gets attention wrong
+    // when one call mixes sequences with different token counts.)
+    std::vector<size_t> order(n);
+    std::iota(order.begin(), order.end(), start);
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+        return std::make_pair(r.tail(x, 0), r.tail(x, 1)) < std::make_pair(r.tail(y, 0), r.tail(y, 1));
+    });
+    return order;
+}
+
+void Reader::decode_shared(const Request & r, const std::vector<size_t> & order, Fill & fill) {
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    const llama_seq_id prefix_seq = max_pairs_;
+    for (size_t slot = 0; slot < order.size(); ++slot) {
+        const size_t p = order[slot];
+        const llama_seq_id seq = static_cast<llama_seq_id>(slot);
+        if (!llama_memory_seq_rm(mem, seq, -1, -1)) {
+            throw std::runtime_error("llama.cpp could not clear KV stream " + std::to_string(seq));
+        }
+        if (!prefix_.empty()) {
+            llama_memory_seq_cp(mem, prefix_seq, seq, -1, -1);
+        }
+        for (size_t i = prefix_.size(); i < static_cast<size_t>(r.shared[p]); ++i) {
+            if (fill.holder.batch.n_tokens == static_cast<int32_t>(n_batch_)) {
+                flush(r, fill);
+            }
+            add(r, fill, p, 0, i, seq, true);
+        }
+        flush(r, fill); // one sequence per llama_decode call
+    }
+}
+
+void Reader::decode_answers(const Request & r, const std::vector<size_t> & order, int k, Fill & fill) {
+    size_t run_len = 0;
+    for (size_t slot = 0; slot < order.size(); ++slot) {
+        const size_t p = order[slot];
+        const size_t len = r.tail(p, k);
+        if (len != run_len || fill.holder.batch.n_tokens + len > n_batch_) {
+            flush(r, fill);
+            run_len = len;
+        }
+        if (len > n_batch_) {
+            throw std::invalid_argument("answer of " + std::to_string(len) + " tokens exceeds the batch of " +
+                                        std::to_string(n_batch_));
+        }
+        for (size_t i = static_cast<size_t>(r.shared[p]); i < r.seqs[2 * p + k].size(); ++i) {
+            add(r, fill, p, k, i, static_cast<llama_seq_id>(slot), false);
+        }
+    }
+    flush(r, fill);
+    // Back to the shared part, for the other answer.
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    for (size_t slot = 0; slot < order.size(); ++slot) {
+        if (!llama_memory_seq_rm(mem, static_cast<llama_seq_id>(slot), r.shared[order[slot]], -1)) {
+            throw std::runtime_error("llama.cpp could not drop an answer from KV stream " + std::to_string(slot));
+        }
+    }
+}
+
+std::vector<float> Reader::read(const std::vector<std::vector<llama_token>> & seqs, const std::vector<int32_t> & shared,
+                                const std::vector<int32_t> & n_read, const std::function<void()> & check_interrupt) {
+    const size_t n_pairs = shared.size();
+    std::vector<float> out(seqs.size() * layers_.size() * static_cast<size_t>(probe_.n_embd), 0.0f);
+    const Request r{seqs, shared, n_read, check_interrupt, out.data()};
+    check_request(r);
+    Fill fill(static_cast<int32_t>(n_batch_));
     for (size_t start = 0; start < n_pairs; start += static_cast<size_t>(max_pairs_)) {
-        const size_t n = std::min(n_pairs - start, static_cast<size_t>(max_pairs_));
-        // Streams in order of the answers' lengths, so equal lengths sit in consecutive
-        // sequence ids: llama.cpp then decodes them as one ubatch, in batch order. (It gets
-        // attention wrong when one call mixes sequences with different token counts.)
-        std::vector<size_t> order(n);
-        std::iota(order.begin(), order.end(), start);
-        auto tail = [&](size_t p, int k) { return seqs[2 * p + k].size() - static_cast<size_t>(shared[p]); };
-        std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
-            return std::make_pair(tail(x, 0), tail(x, 1)) < std::make_pair(tail(y, 0), tail(y, 1));
-        });
-        // Each pair's stream: the prefix's KV (copied), then its shared part, decoded once.
-        for (size_t slot = 0; slot < n; ++slot) {
-            const size_t p = order[slot];
-            const llama_seq_id seq = static_cast<llama_seq_id>(slot);
-            llama_memory_seq_rm(mem, seq, -1, -1);
-            if (g > 0) {
-                llama_memory_seq_cp(mem, prefix_seq, seq, -1, -1);
-            }
-            for (size_t i = g; i < static_cast<size_t>(shared[p]); ++i) {
-                if (batch.n_tokens == static_cast<int32_t>(n_batch_)) {
-                    flush();
-                }
-                add(p, 0, i, seq, true);
-            }
-            flush();
-        }
-        // Then the answers, matching ones first: runs of consecutive streams with equal
-        // answer lengths go through one llama_decode.
-        for (int k = 0; k < 2; ++k) {
-            size_t run_len = 0;
-            for (size_t slot = 0; slot < n; ++slot) {
-                const size_t p = order[slot];
-                const size_t len = tail(p, k);
-                if (len != run_len || batch.n_tokens + len > n_batch_) {
-                    flush();
-                    run_len = len;
-                }
-                if (len > n_batch_) {
-                    throw std::invalid_argument("answer of " + std::to_string(len) + " tokens exceeds the batch of " +
-                                                std::to_string(n_batch_));
-                }
-                for (size_t i = static_cast<size_t>(shared[p]); i < seqs[2 * p + k].size(); ++i) {
-                    add(p, k, i, static_cast<llama_seq_id>(slot), false);
-                }
-            }
-            flush();
-            for (size_t slot = 0; slot < n; ++slot) {
-                llama_memory_seq_rm(mem, static_cast<llama_seq_id>(slot), shared[order[slot]], -1);
-            }
-        }
+        const std::vector<size_t> order = stream_order(r, start, std::min(n_pairs - start, static_cast<size_t>(max_pairs_)));
+        // Each pair's stream: the prefix's KV (copied), then its shared part, decoded once;
+        // then the answers, matching ones first.
+        decode_shared(r, order, fill);
+        decode_answers(r, order, 0, fill);
+        decode_answers(r, order, 1, fill);
     }
     return out;
 }

@@ -57,6 +57,37 @@ class Reader {
     int32_t n_embd() const { return probe_.n_embd; }
 
   private:
+    // One read() call: its arguments and where the result goes.
+    struct Request {
+        const std::vector<std::vector<llama_token>> & seqs;
+        const std::vector<int32_t> & shared;
+        const std::vector<int32_t> & n_read;
+        const std::function<void()> & check_interrupt;
+        float * out;
+        // Tokens of sequence 2p+k after the part its pair shares.
+        size_t tail(size_t p, int k) const { return seqs[2 * p + k].size() - static_cast<size_t>(shared[p]); }
+    };
+    // The batch being filled, with the rows to pick from it.
+    struct Fill {
+        explicit Fill(int32_t n_batch) : holder(n_batch) {}
+        BatchPtr holder;
+        std::vector<ReadPick> picks;
+        int32_t n_out = 0; // output tokens in the batch so far
+    };
+    // Throws std::invalid_argument unless every pair fits the contract of read().
+    void check_request(const Request & r) const;
+    // Pairs start .. start+n-1 in the order their streams take (equal answer lengths adjacent).
+    std::vector<size_t> stream_order(const Request & r, size_t start, size_t n) const;
+    // Stream `slot` for pair order[slot]: the prefix's KV copied in, then the pair's shared part.
+    void decode_shared(const Request & r, const std::vector<size_t> & order, Fill & fill);
+    // Answer k of every pair, runs of equal lengths in one llama_decode; then each stream is
+    // cut back to its shared part.
+    void decode_answers(const Request & r, const std::vector<size_t> & order, int k, Fill & fill);
+    // Adds token i of sequence 2p+k to the batch in stream `seq`; `both`: the token is in the
+    // part the pair shares, so a read there counts for both of its sequences.
+    void add(const Request & r, Fill & fill, size_t p, int k, size_t i, llama_seq_id seq, bool both);
+    // Checks for an interrupt, decodes the batch and adds its picked rows into the result.
+    void flush(const Request & r, Fill & fill);
     // Decodes holder's batch (n_tokens <= n_batch_, so llama.cpp makes one ubatch of it, in
     // batch order) and adds the picked rows into `out`.
     void decode(llama_batch & batch, const std::vector<ReadPick> & picks, float * out);

@@ -1,4 +1,5 @@
 // Python bindings of the extraction reader: caa_local.engine._native.Reader.
+#include "numpy.h"
 #include "reader.h"
 
 #include <nanobind/nanobind.h>
@@ -32,10 +33,8 @@ void bind_reader(nb::module_ & m) {
                         }
                     });
                 }
-                auto * heap = new std::vector<float>(std::move(out));
-                nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
-                const size_t shape[4] = {shared.size(), 2, static_cast<size_t>(r.n_layers()), static_cast<size_t>(r.n_embd())};
-                return nb::ndarray<nb::numpy, float>(heap->data(), 4, shape, owner);
+                return caa::to_numpy(std::move(out), {shared.size(), 2, static_cast<size_t>(r.n_layers()),
+                                                      static_cast<size_t>(r.n_embd())});
             },
             "seqs"_a, "shared"_a, "n_read"_a,
             "Per pair (seqs[2p] matching, seqs[2p+1] not matching, shared[p] tokens in common), the mean "

@@ -26,9 +26,9 @@ Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_toke
     if (prefixes.empty() || n_options < 1 || max_tail < 1) {
         throw std::invalid_argument("scorer needs questions, n_options >= 1 and max_tail >= 1");
     }
-    if (prefixes.size() > kMaxSequences) {
+    if (prefixes.size() > max_sequences()) {
         throw std::invalid_argument(std::to_string(prefixes.size()) + " questions exceed llama.cpp's " +
-                                    std::to_string(kMaxSequences) + " sequences");
+                                    std::to_string(max_sequences()) + " sequences");
     }
     size_t longest = 0;
     for (const auto & p : prefixes) {
@@ -41,37 +41,46 @@ Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_toke
     ctx_ = make_context(*model_, static_cast<uint32_t>(per_seq * prefixes.size()), n_batch_,
                         static_cast<uint32_t>(prefixes.size()), session.n_threads());
     apply_steering(ctx_.get(), Steering{}, model_->n_embd());
+    decode_prefixes(prefixes);
+}
 
+void Scorer::decode(llama_batch & batch, std::vector<Pending> & pending, std::vector<double> & result) {
+    if (batch.n_tokens == 0) {
+        return;
+    }
+    const int32_t rc = llama_decode(ctx_.get(), batch);
+    if (rc != 0) {
+        throw std::runtime_error("llama_decode failed while scoring, code " + std::to_string(rc));
+    }
+    const int32_t n_vocab = model_->n_vocab();
+    int32_t row = 0;
+    for (int32_t k = 0; k < batch.n_tokens; ++k) {
+        if (batch.logits[k]) {
+            const Pending & p = pending[row++];
+            result[p.out] += log_softmax_at(llama_get_logits_ith(ctx_.get(), k), n_vocab, p.next);
+        }
+    }
+    pending.clear();
+    batch.n_tokens = 0;
+}
+
+void Scorer::decode_prefixes(const std::vector<std::vector<llama_token>> & prefixes) {
     BatchPtr holder(static_cast<int32_t>(n_batch_));
     llama_batch & batch = holder.batch;
-    auto flush = [&] {
-        if (batch.n_tokens == 0) {
-            return;
-        }
-        const int32_t rc = llama_decode(ctx_.get(), batch);
-        batch.n_tokens = 0;
-        if (rc != 0) {
-            throw std::runtime_error("llama_decode failed on a prefix with code " + std::to_string(rc));
-        }
-    };
+    std::vector<Pending> none;
+    std::vector<double> unused;
     for (size_t q = 0; q < prefixes.size(); ++q) {
         for (size_t i = 0; i < prefixes[q].size(); ++i) {
             if (batch.n_tokens == static_cast<int32_t>(n_batch_)) {
-                flush();
+                decode(batch, none, unused);
             }
-            const int32_t k = batch.n_tokens++;
-            batch.token[k] = prefixes[q][i];
-            batch.pos[k] = static_cast<llama_pos>(i);
-            batch.n_seq_id[k] = 1;
-            batch.seq_id[k][0] = static_cast<llama_seq_id>(q);
-            batch.logits[k] = false;
+            add_token(batch, prefixes[q][i], static_cast<llama_pos>(i), static_cast<llama_seq_id>(q), false);
         }
-        flush(); // see score(): one sequence length per llama_decode call
+        decode(batch, none, unused); // see score_option(): one sequence length per llama_decode call
     }
 }
 
-std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llama_token>>> & continuations,
-                                  const std::vector<std::vector<int32_t>> & n_scored, const Steering & steering) {
+void Scorer::check_request(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored) const {
     const size_t n_q = prefix_len_.size();
     if (continuations.size() != n_q || n_scored.size() != n_q) {
         throw std::invalid_argument("expected continuations for " + std::to_string(n_q) + " questions, got " +
@@ -93,76 +102,62 @@ std::vector<double> Scorer::score(const std::vector<std::vector<std::vector<llam
             model_->check_tokens(c);
         }
     }
-    validate_steering(steering, model_->n_layer(), model_->n_embd());
-    apply_steering(ctx_.get(), steering, model_->n_embd());
+}
 
-    struct Pending {
-        size_t out;       // index into result
-        llama_token next; // token whose log-probability the output row scores
-    };
-    std::vector<double> result(n_q * n_options_, 0.0);
-    std::vector<Pending> pending;
-    BatchPtr holder(static_cast<int32_t>(n_batch_));
-    llama_batch & batch = holder.batch;
-    const int32_t n_vocab = model_->n_vocab();
-    llama_memory_t mem = llama_get_memory(ctx_.get());
-    auto flush = [&] {
-        if (batch.n_tokens == 0) {
-            return;
-        }
-        const int32_t rc = llama_decode(ctx_.get(), batch);
-        if (rc != 0) {
-            throw std::runtime_error("llama_decode failed on a continuation with code " + std::to_string(rc));
-        }
-        int32_t row = 0;
-        for (int32_t k = 0; k < batch.n_tokens; ++k) {
-            if (batch.logits[k]) {
-                const Pending & p = pending[row++];
-                result[p.out] += log_softmax_at(llama_get_logits_ith(ctx_.get(), k), n_vocab, p.next);
-            }
-        }
-        pending.clear();
-        batch.n_tokens = 0;
-    };
+void Scorer::score_option(int32_t o, const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
+                          std::vector<double> & result) {
     // llama.cpp 0.3.36 computes wrong attention when one llama_decode call holds sequences of
     // different lengths (measured: every sequence but the first drifts). So each call holds
-    // continuations of one length only. Options go one after another: each question's
-    // sequence holds one continuation at a time.
+    // continuations of one length only.
+    const size_t n_q = prefix_len_.size();
+    std::vector<size_t> order(n_q);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        return continuations[a][o].size() < continuations[b][o].size();
+    });
+    BatchPtr holder(static_cast<int32_t>(n_batch_));
+    llama_batch & batch = holder.batch;
+    std::vector<Pending> pending;
+    size_t prev_len = 0;
+    for (size_t q : order) {
+        const auto & c = continuations[q][o];
+        if (c.size() != prev_len || batch.n_tokens + c.size() > n_batch_) {
+            decode(batch, pending, result);
+            prev_len = c.size();
+        }
+        const size_t first_scored = c.size() - n_scored[q][o];
+        for (size_t i = 0; i < c.size(); ++i) {
+            const bool wants = i + 1 >= first_scored && i + 1 < c.size();
+            add_token(batch, c[i], prefix_len_[q] + static_cast<llama_pos>(i), static_cast<llama_seq_id>(q), wants);
+            if (wants) {
+                pending.push_back({q * n_options_ + o, c[i + 1]});
+            }
+        }
+    }
+    decode(batch, pending, result);
+}
+
+void Scorer::drop_continuations() {
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    for (size_t q = 0; q < prefix_len_.size(); ++q) {
+        if (!llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q), prefix_len_[q], -1)) {
+            // The next option would attend to this one's tokens: never score on such a cache.
+            throw std::runtime_error("llama.cpp could not drop question " + std::to_string(q) +
+                                     "'s scored tokens from its KV cache");
+        }
+    }
+}
+
+std::vector<double> Scorer::score(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
+                                  const Steering & steering) {
+    check_request(continuations, n_scored);
+    validate_steering(steering, model_->n_layer(), model_->n_embd());
+    apply_steering(ctx_.get(), steering, model_->n_embd());
+    std::vector<double> result(prefix_len_.size() * n_options_, 0.0);
+    // Options go one after another: each question's sequence holds one continuation at a time.
     for (int32_t o = 0; o < n_options_; ++o) {
-        std::vector<size_t> order(n_q);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-            return continuations[a][o].size() < continuations[b][o].size();
-        });
-        size_t prev_len = 0;
-        for (size_t q : order) {
-            const auto & c = continuations[q][o];
-            if (c.size() != prev_len || batch.n_tokens + c.size() > n_batch_) {
-                flush();
-                prev_len = c.size();
-            }
-            const size_t first_scored = c.size() - n_scored[q][o];
-            for (size_t i = 0; i < c.size(); ++i) {
-                const int32_t k = batch.n_tokens++;
-                batch.token[k] = c[i];
-                batch.pos[k] = prefix_len_[q] + static_cast<llama_pos>(i);
-                batch.n_seq_id[k] = 1;
-                batch.seq_id[k][0] = static_cast<llama_seq_id>(q);
-                const bool wants = i + 1 >= first_scored && i + 1 < c.size();
-                batch.logits[k] = wants;
-                if (wants) {
-                    pending.push_back({q * n_options_ + o, c[i + 1]});
-                }
-            }
-        }
-        flush();
-        for (size_t q = 0; q < n_q; ++q) {
-            if (!llama_memory_seq_rm(mem, static_cast<llama_seq_id>(q), prefix_len_[q], -1)) {
-                // The next option would attend to this one's tokens: never score on such a cache.
-                throw std::runtime_error("llama.cpp could not drop question " + std::to_string(q) +
-                                         "'s scored tokens from its KV cache");
-            }
-        }
+        score_option(o, continuations, n_scored, result);
+        drop_continuations();
     }
     return result;
 }

@@ -7,6 +7,8 @@
 
 namespace caa {
 
+using Continuations = std::vector<std::vector<std::vector<llama_token>>>; // [question][option] -> tokens
+
 class Scorer {
   public:
     // prefixes[q]: tokens before the end of question q's instruction (decoded unsteered, once).
@@ -18,14 +20,30 @@ class Scorer {
     // n_scored[q][o] of them are scored (>= 1, and at least one unscored token before them).
     // Every continuation token is decoded with `steering`. Returns the summed log-probability
     // of the scored tokens, n_questions x n_options, question-major.
-    std::vector<double> score(const std::vector<std::vector<std::vector<llama_token>>> & continuations,
-                              const std::vector<std::vector<int32_t>> & n_scored, const Steering & steering);
+    std::vector<double> score(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
+                              const Steering & steering);
 
     int32_t n_questions() const { return static_cast<int32_t>(prefix_len_.size()); }
     int32_t n_options() const { return n_options_; }
     const Model & model() const { return *model_; }
 
   private:
+    struct Pending {
+        size_t out;       // index into the result
+        llama_token next; // token whose log-probability the output row scores
+    };
+    // Each question's prefix into its own KV stream (sequence id = question), no outputs.
+    void decode_prefixes(const std::vector<std::vector<llama_token>> & prefixes);
+    // Throws std::invalid_argument unless the request matches the questions and options.
+    void check_request(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored) const;
+    // Decodes option o of every question after its prefix, adding the scored log-probabilities.
+    void score_option(int32_t o, const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
+                      std::vector<double> & result);
+    // Drops every question's continuation from its stream, back to the prefix.
+    void drop_continuations();
+    // llama_decode of `batch`, then each output row's log-probability of its pending token.
+    void decode(llama_batch & batch, std::vector<Pending> & pending, std::vector<double> & result);
+
     SharedModel model_;
     ContextPtr ctx_;
     int32_t n_options_;

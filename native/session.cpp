@@ -228,12 +228,7 @@ bool Session::decode(const std::vector<llama_token> & tokens, bool steered, cons
         const size_t end = std::min(tokens.size(), start + step);
         batch.n_tokens = 0;
         for (size_t i = start; i < end; ++i) {
-            const int32_t k = batch.n_tokens++;
-            batch.token[k]     = tokens[i];
-            batch.pos[k]       = static_cast<llama_pos>(tokens_.size() + (i - start));
-            batch.n_seq_id[k]  = 1;
-            batch.seq_id[k][0] = 0;
-            batch.logits[k]    = (i + 1 == tokens.size());
+            add_token(batch, tokens[i], static_cast<llama_pos>(tokens_.size() + (i - start)), 0, i + 1 == tokens.size());
         }
         const int32_t rc = llama_decode(ctx_.get(), batch);
         if (rc != 0) {
@@ -305,12 +300,8 @@ GenerateResult Session::generate(int32_t max_tokens, const SamplingParams & para
     const uint64_t id = steering_id_;
     llama_batch & batch = one_token_.batch;
     auto decode_one = [&](llama_token token) {
-        batch.n_tokens     = 1;
-        batch.token[0]     = token;
-        batch.pos[0]       = static_cast<llama_pos>(tokens_.size());
-        batch.n_seq_id[0]  = 1;
-        batch.seq_id[0][0] = 0;
-        batch.logits[0]    = true;
+        batch.n_tokens = 0;
+        add_token(batch, token, static_cast<llama_pos>(tokens_.size()), 0, true);
         const int32_t rc = llama_decode(ctx_.get(), batch);
         if (rc != 0) {
             throw std::runtime_error("llama_decode failed with code " + std::to_string(rc));
@@ -372,12 +363,7 @@ ContextPtr Session::decode_fresh(const std::vector<llama_token> & tokens, size_t
         llama_batch & batch = holder.batch;
         batch.n_tokens = 0;
         for (size_t i = bounds[part]; i < bounds[part + 1]; ++i) {
-            const int32_t k = batch.n_tokens++;
-            batch.token[k] = tokens[i];
-            batch.pos[k] = static_cast<llama_pos>(i);
-            batch.n_seq_id[k] = 1;
-            batch.seq_id[k][0] = 0;
-            batch.logits[k] = (i + 1 == bounds[part + 1]);
+            add_token(batch, tokens[i], static_cast<llama_pos>(i), 0, i + 1 == bounds[part + 1]);
         }
         const int32_t rc = llama_decode(ctx.get(), batch);
         if (rc != 0) {

@@ -13,9 +13,8 @@
 
 namespace caa {
 
-// llama.cpp's LLAMA_MAX_SEQ (src/llama-cparams.h, not in its public headers): most sequences
-// one context holds.
-constexpr uint32_t kMaxSequences = 256;
+// Most sequences (KV streams) one llama.cpp context holds (its LLAMA_MAX_SEQ).
+inline uint32_t max_sequences() { return static_cast<uint32_t>(llama_max_parallel_sequences()); }
 
 struct ContextDeleter {
     void operator()(llama_context * c) const { llama_free(c); }
@@ -49,6 +48,17 @@ struct BatchPtr {
     BatchPtr(const BatchPtr &) = delete;
     BatchPtr & operator=(const BatchPtr &) = delete;
 };
+
+// Appends one token of sequence `seq` at position `pos` to `batch`; `output`: llama.cpp keeps
+// its logits (and the last block's output row).
+inline void add_token(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_id seq, bool output) {
+    const int32_t k = batch.n_tokens++;
+    batch.token[k]     = token;
+    batch.pos[k]       = pos;
+    batch.n_seq_id[k]  = 1;
+    batch.seq_id[k][0] = seq;
+    batch.logits[k]    = output;
+}
 
 // Raised when tokens do not fit in the context; Python drops old turns and retries.
 struct ContextFullError : std::runtime_error {

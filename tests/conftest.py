@@ -1,7 +1,14 @@
-"""Shared fixtures: the default model, loaded once per test session through load_hf."""
+"""Shared fixtures: the default model, loaded once per test session (llama.cpp: ``model``, each
+test module opening its own context on it; transformers: ``hf_model``).
+
+Modules whose tests load the model, start the server or a browser, or spawn the CLI say so with
+``pytestmark = pytest.mark.slow``; `make test-fast` runs everything else. Markers are declared in
+pyproject.toml.
+"""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -9,26 +16,19 @@ import pytest
 
 from caa_local.cli import main
 
-
-# Modules whose tests load the model, start the server or a browser, or spawn the CLI: `slow`.
-# `make test-fast` runs everything else (file formats, layers, datasets, templates, contracts).
-SLOW_MODULES = frozenset({
-    "test_bench", "test_calibrate", "test_chat", "test_cli_errors", "test_cli_eval", "test_engine",
-    "test_evaluate", "test_extract", "test_extract_native", "test_interrupts", "test_metrics",
-    "test_native", "test_page", "test_paper", "test_parity", "test_serve",
-})
+# Started as a background job, this process (and every child it spawns) inherits an ignored
+# SIGINT, and the children's Ctrl-C tests would hang. A handler of our own is reset to the
+# default in every child at exec, so the suite behaves the same however it was launched.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.module is not None and item.module.__name__ in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
+@pytest.fixture(scope="session")
+def model() -> Any:
+    """The default GGUF model, loaded once; a module opens a context with ``model.context(...)``."""
+    from caa_local import Model
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "torch: needs torch and loads the default model with transformers"
-    )
+    return Model()
 
 
 @pytest.fixture(scope="session")

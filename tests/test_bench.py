@@ -16,6 +16,8 @@ from caa_local.bench.runner import REQUIRED, build_rows, check_rows, format_tabl
 from caa_local.core.errors import CaaError
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow
+
 RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python", "decode_native_vs_llama_cpp",
               "decode_native_vs_transformers", "prefill_native_vs_llama_cpp_python", "ab_sweep_reuse_vs_naive",
               "extract_batched_vs_loop", "extract_native_vs_torch",

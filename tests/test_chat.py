@@ -13,17 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from caa_local.chat.repl import CHAT_SAMPLING, ChatSession
-from caa_local.engine.engine import Engine
+from caa_local.chat.repl import ChatSession
+from caa_local.engine.engine import CHAT_SAMPLING, Engine, Model
 from caa_local.core.vector import ControlVector
+
+pytestmark = pytest.mark.slow
 
 THREADS = 1  # 2 threads crawl when other jobs share the cores (49 vs 7 tok/s measured)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(n_ctx=1024, n_threads=THREADS)
+def engine(model: Model) -> Engine:
+    return model.context(n_ctx=1024, n_threads=THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +185,8 @@ def test_interrupted_answer_is_kept(engine: Engine) -> None:
     assert len(chat.messages) == 4
 
 
-def test_context_overflow_drops_oldest_turns() -> None:
-    small = Engine(n_ctx=256, n_threads=THREADS)
+def test_context_overflow_drops_oldest_turns(model: Model) -> None:
+    small = model.context(n_ctx=256, n_threads=THREADS)
     chat = ChatSession(small, dataclasses.replace(CHAT_SAMPLING, max_tokens=24), system="Be brief.",
                        write=lambda _text: None)
     question = "Please describe, in detail, the history and the culture of the city of " + "Paris " * 8

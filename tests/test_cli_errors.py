@@ -17,6 +17,8 @@ from caa_local.core.locate import default_model_path
 from caa_local.core.vector import ControlVector
 from conftest import write_raw_vector
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:

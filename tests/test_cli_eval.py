@@ -13,6 +13,8 @@ import pytest
 from caa_local.core.vector import ControlVector
 from conftest import is_png, one_error, run_cli
 
+pytestmark = pytest.mark.slow
+
 THREADS = ["--threads", os.environ.get("CAA_TEST_THREADS", "1")]  # see test_evaluate.py
 CONTRACT = {"model", "vector", "dataset", "backend", "results"}
 ROW = {"layer", "multiplier", "p_match", "n"}

@@ -13,14 +13,17 @@ import pytest
 from caa_local.eval import analyze
 from caa_local.eval import plots
 from caa_local.core.datasets import ABItem, load_ab, split
-from caa_local.engine.engine import Engine
+from caa_local.engine.engine import Engine, Model
 from caa_local.core.errors import CaaError
-from caa_local.eval.ab import SweepResult, ab_sweep, capability_eval
+from caa_local.eval.ab import SweepResult, ab_sweep
+from caa_local.eval.capability import capability_eval
 from caa_local.eval.open_ended import open_ended
 from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary, parse_score
-from caa_local.engine.scoring import Setting, choices_from_items, score_ab, score_ab_naive
+from caa_local.engine.scoring import choices_from_items, score_ab, score_ab_naive
 from caa_local.core.parsing import parse_multipliers
 from conftest import is_png, random_vector
+
+pytestmark = pytest.mark.slow
 
 # One thread: on a CPU shared with other jobs, 2 threads on 2 cores made this file 3-4x slower
 # (ggml's threads spin on barriers, so one descheduled thread stalls every graph node).
@@ -31,8 +34,8 @@ THREADS = int(os.environ.get("CAA_TEST_THREADS", "1"))
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(n_ctx=1024, n_threads=THREADS)
+def engine(model: Model) -> Engine:
+    return model.context(n_ctx=1024, n_threads=THREADS)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_fast_path_equals_naive_with_letters_beyond_b(engine: Engine) -> None:
     shortest = sorted(split(load_ab("sentiment").items, "val"), key=lambda it: len(it.question))[:2]
     choices = choices_from_items([*shortest, survival])
     vector = random_vector(engine.n_embd, [12], norm=30.0, seed=1)
-    settings = [Setting(), Setting(vector, 1.0, (12,))]
+    settings = [(), (engine.make_term("v", vector, 1.0, [12]),)]
     fast = score_ab(engine, choices, settings)
     for setting, scores in zip(settings, fast):
         naive = score_ab_naive(engine, choices, setting)
@@ -106,9 +109,13 @@ def test_fast_path_equals_naive_with_letters_beyond_b(engine: Engine) -> None:
 
 def test_capability_rows(engine: Engine) -> None:
     vector = random_vector(engine.n_embd, [10], norm=30.0)
-    rows = capability_eval(engine, "truthfulqa", vector, 10, [0, 1], limit=2)
+    result = capability_eval(engine, "truthfulqa", vector, 10, [0, 1], limit=2)
+    rows = result.rows()
     assert [r["multiplier"] for r in rows] == [0.0, 1.0]
-    assert all(r["n"] == 2 and 0 < r["p_correct"] < 1 for r in rows)
+    assert all(r["n"] == 2 and 0 < r["p_correct"] < 1 and 0 < r["option_mass"] <= 1 for r in rows)
+    assert result.at(1.0) != result.at(0.0)
+    per_category = capability_eval(engine, "truthfulqa", vector, 10, [0, 1], limit=1, per_category=True)
+    assert per_category.n == len(per_category.categories) > 2
 
 
 def test_open_ended_and_judge(engine: Engine) -> None:

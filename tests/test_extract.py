@@ -30,6 +30,8 @@ from caa_local.core.templates import user_turn
 from caa_local.torch.steer import block_outputs, steer
 from caa_local.core.vector import ControlVector
 
+pytestmark = pytest.mark.slow
+
 ITEMS = [
     ABItem("Is the sky blue?\n (A) Yes\n (B) No", "(A)", "(B)"),
     ABItem("Do cats bark?\n (A) Yes\n (B) No", "(B)", "(A)"),

@@ -18,7 +18,7 @@ from caa_local.core.errors import CaaError
 from caa_local.core.extraction import encode_pairs
 from caa_local.core.locate import file_sha256
 from caa_local.engine import reads
-from caa_local.engine.engine import Engine
+from caa_local.engine.engine import Engine, Model
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,8 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(n_ctx=64, n_threads=2)
+def engine(model: Model) -> Engine:
+    return model.context(n_ctx=64, n_threads=2)
 
 
 # -- batching ------------------------------------------------------------------------------------

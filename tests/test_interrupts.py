@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # torch (extract) would otherwise start a thread per core on a CPU shared with other jobs
 ENV = {**os.environ, "OMP_NUM_THREADS": THREADS, "MKL_NUM_THREADS": THREADS}
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")]
 
 
 class Child:

@@ -7,9 +7,10 @@ import random
 
 import pytest
 
-from caa_local.eval import metrics
-from caa_local.engine.engine import Engine
+from caa_local import Model
 from caa_local.core.templates import user_turn
+from caa_local.engine.scoring import perplexity
+from caa_local.eval import metrics
 
 FORMAL = (
     "The committee has completed its review of the proposal. However, further consideration of "
@@ -67,11 +68,12 @@ def test_registry_and_summary() -> None:
     assert summary[1]["perplexity"] == 3.0 and "perplexity" not in summary[0]
 
 
-def test_perplexity_fluent_below_shuffled() -> None:
-    engine = Engine(n_ctx=512, n_threads=int(os.environ.get("CAA_TEST_THREADS", "1")))
+@pytest.mark.slow
+def test_perplexity_fluent_below_shuffled(model: Model) -> None:
+    engine = model.context(n_ctx=512, n_threads=int(os.environ.get("CAA_TEST_THREADS", "1")))
     words = FLUENT.split()
     random.Random(0).shuffle(words)
     prompt = user_turn("Describe a lighthouse.")
-    fluent, shuffled, empty = metrics.perplexity(engine, [prompt] * 3, [FLUENT, " ".join(words), ""])
+    fluent, shuffled, empty = perplexity(engine, [prompt] * 3, [FLUENT, " ".join(words), ""])
     assert 1.0 < fluent < 60 and shuffled > 3 * fluent
     assert empty != empty  # NaN for an empty answer

@@ -5,19 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caa_local import ControlVector, Engine, Sampling
+from caa_local import ControlVector, Engine, Model, Sampling
 from caa_local.engine.engine import ContextFullError
-from caa_local.engine.scoring import Choice, Setting, score_ab, score_ab_naive
+from caa_local.engine.scoring import Choice, score_ab, score_ab_naive
 from caa_local.core.templates import user_turn
 from conftest import random_vector
+
+pytestmark = pytest.mark.slow
 
 MESSAGES = user_turn("Name three colours of the rainbow.")
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(n_ctx=1024, n_threads=2)
-
+def engine(model: Model) -> Engine:
+    return model.context(n_ctx=1024, n_threads=2)
 
 
 def test_model_facts(engine: Engine) -> None:
@@ -55,13 +56,22 @@ def test_multiplier_zero_equals_no_vector(engine: Engine) -> None:
 
 def test_position_mask_leaves_the_instruction_unsteered(engine: Engine) -> None:
     tokens, steer_from = engine.prompt(MESSAGES)
-    engine.steer("v", random_vector(engine.n_embd, range(1, 30), 30.0), 1.0, [8])
-    # Every position before the instruction end computes as if no vector existed...
-    prefix = tokens[:steer_from]
+    layer = 8
+    vector = random_vector(engine.n_embd, range(1, 30), 30.0)
+    engine.steer("v", vector, 1.0, [layer])
+    # The prompt up to the instruction end, the one position the mask steers at its end.
+    head = tokens[: steer_from + 1]
+    masked = engine.layer_outputs(head, steer_from)
+    everything = engine.layer_outputs(head, 0)
     with engine.unsteered():
-        plain_prefix = engine.layer_outputs(prefix, len(prefix))
-    assert np.array_equal(engine.layer_outputs(prefix, len(prefix)), plain_prefix)
-    # ...and steering from the instruction end differs from steering everything and from none.
+        plain = engine.layer_outputs(head, len(head))
+    # The steered position moves by exactly the vector at its block, nothing before it...
+    assert np.array_equal(masked[:layer], plain[:layer])
+    np.testing.assert_allclose(masked[layer] - plain[layer], vector.directions[layer], atol=1e-3)
+    # ...and the later blocks attend to a prefix decoded unsteered: had the mask leaked onto the
+    # prefix, they would equal steering every position.
+    assert not np.allclose(masked[layer + 1:], everything[layer + 1:], atol=1e-2)
+    # Steering from the instruction end differs from steering everything and from none.
     masked = engine.logits_after(tokens, steer_from)
     everything = engine.logits_after(tokens, 0)
     nothing = engine.logits_after(tokens, len(tokens))
@@ -99,14 +109,14 @@ def test_streamed_pieces_make_the_answer_and_kv_is_reused(engine: Engine) -> Non
                     {"role": "user", "content": "And two more?"}]
     second = engine.generate(conversation, Sampling(max_tokens=12))
     assert second.n_reused_tokens >= first.n_prompt_tokens - 1
-    fresh = Engine(n_ctx=1024, n_threads=2)
+    fresh = engine.new_context()
     assert fresh.generate(conversation, Sampling(max_tokens=12)).tokens == second.tokens
 
 
 def test_bad_buffers_are_refused(engine: Engine) -> None:
     from caa_local.engine import _native
 
-    session = _native.Session(engine._model.native, 64, 1, 64)
+    session = _native.Session(engine.model.native, 64, 1, 64)
     short = np.zeros((engine.n_layer - 2, engine.n_embd), np.float32)
     with pytest.raises(ValueError, match="expected"):
         session.set_steering(short, 1, 5)
@@ -134,7 +144,7 @@ def test_vector_from_another_model_is_refused(engine: Engine) -> None:
 
 
 def test_context_overflow_is_a_clear_error() -> None:
-    small = Engine(n_ctx=64, n_threads=2)
+    small = Engine(n_ctx=64, n_threads=2)  # loads the model itself: Engine(path) is one context on it
     with pytest.raises(ContextFullError, match="does not fit"):
         small.generate(user_turn("word " * 400), Sampling(max_tokens=4))
 
@@ -147,8 +157,8 @@ def test_batched_scoring_equals_re_decoding(engine: Engine) -> None:
         ("Short?\n(A) y\n(B) n", "B", "A"),
     ]
     choices = [Choice(tuple(user_turn(q)), m, n) for q, m, n in questions]
-    vector = random_vector(engine.n_embd, range(1, 30), 8.0)
-    for setting in (Setting(), Setting(vector, 1.5, (9,))):
+    term = engine.make_term("v", random_vector(engine.n_embd, range(1, 30), 8.0), 1.5, [9])
+    for setting in ((), (term,)):
         fast = score_ab(engine, choices, [setting])[0]
         slow = score_ab_naive(engine, choices, setting)
         np.testing.assert_allclose(fast.logp_matching, slow.logp_matching, atol=2e-3)

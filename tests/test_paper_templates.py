@@ -66,7 +66,7 @@ def test_templates_that_cannot_render_an_answer_keep_the_plain_prompt() -> None:
 
 
 def test_no_silent_chatml_fallback(tmp_path: Path) -> None:
-    with pytest.raises(TemplateError, match=r"m.gguf: has no chat template .*--chat-template FILE\|NAME.*--format base"):
+    with pytest.raises(TemplateError, match=r"m.gguf: has no chat template .*--chat-template FILE\|NAME.*base: the paper"):
         resolve_template("", where="m.gguf")
     assert resolve_template("", "llama2").source == LLAMA2
     assert resolve_template("{{ x }}", fmt="base").source == BASE

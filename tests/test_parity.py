@@ -12,19 +12,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from caa_local import ControlVector, Engine
+from caa_local import ControlVector, Engine, Model
 from caa_local.core.layers import hidden_state_index
 from caa_local.core.templates import user_turn
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 torch = pytest.importorskip("torch")
 
 QUESTION = "Would you rather read a book or watch a film tonight?\n\n(A) A book\n(B) A film"
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine(n_ctx=1024, n_threads=2)
+def engine(model: Model) -> Engine:
+    return model.context(n_ctx=1024, n_threads=2)
 
 
 def prompt_ids(engine: Engine, hf: tuple[Any, Any, Any]) -> tuple[list[int], int]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from caa_local.bench.tasks import Config
+from caa_local.bench.measure import Config
 from caa_local.core.errors import CaaError
 
 Row = dict[str, Any]

@@ -20,9 +20,10 @@ import threading
 import time
 from typing import Any
 
+from caa_local.bench.measure import STORY, Config, interleaved
+from caa_local.engine.engine import Engine, Sampling
 from caa_local.serve.testing import ServerProcess
 
-STORY = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
 STEERINGS = [[{"vector": "sentiment", "scale": 2}], [{"vector": "sentiment", "scale": -2}],
              [{"vector": "formality", "scale": 2}], [{"vector": "enthusiasm", "scale": 2}]]
 FIFTY = ("I am planning a short trip to the mountains next month with two friends who have never hiked "
@@ -64,10 +65,7 @@ def _note(figures: dict[str, Any], name: str) -> None:
     print(json.dumps({name: figures[name]}), file=sys.stderr, flush=True)  # progress: a slow machine may stop us
 
 
-def serve_group(cfg: Any) -> dict[str, Any]:
-    from caa_local.bench.tasks import interleaved
-    from caa_local.engine.engine import Engine, Sampling
-
+def serve_group(cfg: Config) -> dict[str, Any]:
     model = ("--model", cfg.model) if cfg.model else ()
     ctx = ("--ctx", str(cfg.n_ctx))
     story = [{"role": "user", "content": STORY}]
@@ -123,8 +121,6 @@ def serve_group(cfg: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    from caa_local.bench.tasks import Config
-
     cfg = Config(threads=0)
     if "--quick" in argv:
         cfg = cfg.quick()

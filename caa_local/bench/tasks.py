@@ -12,75 +12,22 @@ so each of its sides runs in processes of its own, alternated by the runner.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STORY = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+from caa_local.bench.measure import STORY, Config, interleaved, peak_rss_mib, timed_rate
+from caa_local.bench.serve import serve_group
+
 PREFILL_TEXT = ("The lighthouse stood on a rock at the edge of the bay, and every night its keeper climbed "
                 "the one hundred and twelve steps to trim the wick, polish the lens and watch the sea. ")
 AB_DATASET = "sentiment"
 EXTRACT_BEHAVIORS = ("coordinate-other-ais", "corrigible-neutral-HHH", "hallucination", "myopic-reward",
                      "survival-instinct", "sycophancy", "refusal")
-
-
-@dataclass(frozen=True)
-class Config:
-    model: str | None = None
-    threads: int = 0  # 0: every core
-    repeats: int = 5
-    n_ctx: int = 4096
-    decode_tokens: int = 128
-    torch_decode_tokens: int = 32
-    prefill_tokens: int = 400
-    ab_questions: int = 2
-    ab_multipliers: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)
-    extract_pairs: int = 16
-    change_repeats: int = 20
-    startup_runs: int = 5
-    rpc: str | None = None  # host:port of an RPC worker, for the rpc group
-
-    def quick(self) -> Config:
-        return dataclasses.replace(self, repeats=min(self.repeats, 2), decode_tokens=32, torch_decode_tokens=8,
-                                   prefill_tokens=128, ab_questions=1, ab_multipliers=(-1.0, 1.0),
-                                   extract_pairs=4, change_repeats=5, startup_runs=2)
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM), in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
-
-
-def interleaved(repeats: int, *sides: Callable[[], float]) -> list[list[float]]:
-    """One warm-up each, then ``repeats`` runs of every side, the order reversed every run."""
-    for side in sides:
-        side()
-    runs: list[list[float]] = [[] for _ in sides]
-    for r in range(repeats):
-        order = range(len(sides)) if r % 2 == 0 else reversed(range(len(sides)))
-        for i in order:
-            runs[i].append(sides[i]())
-    return runs
-
-
-def timed_rate(amount: float, work: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    work()
-    return amount / (time.perf_counter() - start)
 
 
 def _engine(cfg: Config):  # noqa: ANN202 - Engine
@@ -117,7 +64,7 @@ def _attach_cli_threadpool(lc: Any, ctx: Any, threads: int) -> Callable[[], None
     try:
         base = ctypes.CDLL(str(next(libs.glob("*ggml-base.*"))))
         cpu = ctypes.CDLL(str(next(libs.glob("*ggml-cpu.*"))))
-        attach = lc.llama_cpp._lib.llama_attach_threadpool
+        attach = ctypes.CDLL(str(next(libs.glob("*llama.*")))).llama_attach_threadpool
     except (StopIteration, OSError, AttributeError):
         return None
     base.ggml_threadpool_params_default.restype = PoolParams
@@ -193,7 +140,7 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     from llama_cpp import Llama
 
     from caa_local.bench.chat import random_vector, scale_latency
-    from caa_local.engine.scoring import Setting, choices_from_items, score_ab_naive
+    from caa_local.engine.scoring import choices_from_items, score_ab, score_ab_naive
 
     engine = _engine(cfg)
     threads = engine.n_threads
@@ -259,15 +206,16 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     choices = choices_from_items(load_ab(AB_DATASET).items[: cfg.ab_questions])
     layer = engine.n_layer // 2
     sweep_vector = random_vector(engine, (layer,))
-    settings = [Setting(sweep_vector, m, (layer,)) for m in cfg.ab_multipliers]
+    unit = engine.make_term("bench", sweep_vector, 1.0, [layer])
+    settings = [(unit.at(scale=m),) for m in cfg.ab_multipliers]
     n_scores = len(choices) * len(settings)
 
     def redecode() -> None:
-        engine.score_ab(choices, settings, positions="all")  # the same batched scorer, every prompt in full
+        score_ab(engine, choices, settings, positions="all")  # the same batched scorer, every prompt in full
 
     reuse, naive, full = interleaved(
         cfg.repeats,
-        lambda: timed_rate(n_scores, lambda: engine.score_ab(choices, settings)),
+        lambda: timed_rate(n_scores, lambda: score_ab(engine, choices, settings)),
         lambda: timed_rate(n_scores, lambda: [score_ab_naive(engine, choices, s) for s in settings]),
         lambda: timed_rate(n_scores, redecode),
     )
@@ -294,13 +242,11 @@ def _extract_items(cfg: Config) -> list[Any]:
 
 
 def _torch_group(cfg: Config) -> dict[str, Any]:
-    import torch
-
     from caa_local.torch.extract import extract, extract_loop
-    from caa_local.torch.hf import chat_template_of, load_hf
+    from caa_local.torch.hf import chat_template_of, load_hf, set_threads
 
     threads = _engine(cfg).n_threads  # the engine's thread count, so both sides match
-    torch.set_num_threads(threads)
+    set_threads(threads)
     model, tokenizer, _info = load_hf(cfg.model)
 
     figures: dict[str, dict[str, list[float]]] = {}
@@ -337,29 +283,16 @@ def _decode_native_side(cfg: Config) -> dict[str, Any]:
 def _decode_transformers_side(cfg: Config) -> dict[str, Any]:
     """The other side: transformers fp32 with the torch_steer hook, prefill untimed, then a
     greedy loop of single-token forward passes with a KV cache (leaner than model.generate)."""
-    import torch
-    from transformers import DynamicCache
-
-    from caa_local.torch.hf import load_hf
-    from caa_local.torch.packed import _cache_arg
-    from caa_local.torch.steer import steer
+    from caa_local.torch.decode import steered_decode_rate
+    from caa_local.torch.hf import load_hf, set_threads
 
     engine, messages, vector, layer = _steered_story(cfg)
-    torch.set_num_threads(engine.n_threads)
+    set_threads(engine.n_threads)
     model, _tokenizer, _info = load_hf(cfg.model)
     tokens, steer_from = engine.prompt(messages)
 
     def hf_decode() -> float:
-        cache = DynamicCache()
-        with torch.inference_mode(), steer(model, vector, 1.0, [layer], from_position=steer_from):
-            out = model(input_ids=torch.tensor([tokens]), use_cache=True, **{_cache_arg(model): cache})
-            next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-            n, start = 0, time.perf_counter()
-            while n < cfg.torch_decode_tokens and not engine.is_eog(int(next_id)):
-                n += 1
-                out = model(input_ids=next_id, use_cache=True, **{_cache_arg(model): cache})
-                next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-            return n / (time.perf_counter() - start)
+        return steered_decode_rate(model, tokens, vector, layer, steer_from, cfg.torch_decode_tokens, engine.is_eog)
 
     hf_decode()  # warm-up
     return {"figures": {"decode_native_vs_transformers": {"baseline": [hf_decode()]}}, "facts": {}}
@@ -381,13 +314,10 @@ def _rss_generate_group(cfg: Config) -> dict[str, Any]:
 
 
 def _rss_extract_group(cfg: Config) -> dict[str, Any]:
-    import torch
-
     from caa_local.torch.extract import extract
-    from caa_local.torch.hf import chat_template_of, load_hf
+    from caa_local.torch.hf import chat_template_of, load_hf, set_threads
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     model, tokenizer, _info = load_hf(cfg.model)
     extract(model, tokenizer, chat_template_of(tokenizer), _extract_items(cfg), progress=False)
     return {"figures": {"peak_rss_extract_mib": {"value": [peak_rss_mib()]}}, "facts": {}}
@@ -411,12 +341,10 @@ def _native_extract_groups(cfg: Config, rss_only: bool) -> dict[str, Any]:
         return {"figures": {"peak_rss_extract_native_mib": {"value": [peak_rss_mib()]}},
                 "facts": {"rss_extract_native_budget_mib": (gguf + kv) / (1 << 20) + 200,
                           "extract_kv_mib": kv / (1 << 20)}}
-    import torch
-
     from caa_local.torch.extract import extract
-    from caa_local.torch.hf import chat_template_of, load_hf
+    from caa_local.torch.hf import chat_template_of, load_hf, set_threads
 
-    torch.set_num_threads(engine.n_threads)
+    set_threads(engine.n_threads)
     model, tokenizer, _info = load_hf(cfg.model)
     template = chat_template_of(tokenizer)
     native, base = interleaved(
@@ -426,12 +354,6 @@ def _native_extract_groups(cfg: Config, rss_only: bool) -> dict[str, Any]:
     )
     return {"figures": {"extract_native_vs_torch": {"value": native, "baseline": base}},
             "facts": {"threads": engine.n_threads, "extract_pairs": len(items)}}
-
-
-def _serve_group(cfg: Config) -> dict[str, Any]:
-    from caa_local.bench.serve import serve_group
-
-    return serve_group(cfg)
 
 
 def _rpc_group(cfg: Config) -> dict[str, Any]:
@@ -483,7 +405,7 @@ GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
-    "serve": _serve_group, "condition": _condition_group, "rpc": _rpc_group,
+    "serve": serve_group, "condition": _condition_group, "rpc": _rpc_group,
 }
 
 

@@ -19,7 +19,8 @@ import click
 
 from caa_local.chat.conditions import describe_report, gate, load_condition
 from caa_local.core.atomic import write_json
-from caa_local.engine.engine import ContextFullError, Engine, GenerationResult, Sampling, check_positions
+from caa_local.core.positions import check_positions
+from caa_local.engine.engine import CHAT_SAMPLING, ContextFullError, Engine, GenerationResult, Sampling
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import parse_layer_spec
 from caa_local.core.locate import shipped_vector_names
@@ -28,8 +29,9 @@ from caa_local.core.parsing import PARAMS, parse_param, parse_scale, split_vecto
 from caa_local.core.steering import SteeringTerm, multiplier_warning
 from caa_local.core.templates import Message, drop_oldest_exchange
 
-CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
 PROMPT = "> "
+
+
 def _echo(text: str) -> None:
     click.echo(text, nl=False)  # click.echo flushes
 
@@ -228,7 +230,7 @@ class ChatSession:
         scale = parse_scale(value, "/scale")
         term = self._term(name)
         start = time.perf_counter()
-        term = term.with_scale(scale)
+        term = term.at(scale=scale)
         self.engine.set_steering([term if t.name == name else t for t in self.engine.steering.terms])
         self.say(f"steering: {term.describe()} (applied in {(time.perf_counter() - start) * 1e3:.2f} ms)")
         if warning := multiplier_warning(scale):
@@ -241,7 +243,7 @@ class ChatSession:
         if not terms:
             raise CaaError("no active vectors (use /steer first)")
         layers = tuple(parse_layer_spec(args[-1], self.engine.n_layer))
-        moved = {t.name: t.with_layers(layers) for t in terms}
+        moved = {t.name: t.at(layer=layers) for t in terms}
         self.engine.set_steering([moved.get(t.name, t) for t in self.engine.steering.terms])  # all or nothing
         self.say(f"steering: {self.engine.steering.describe()}")
 

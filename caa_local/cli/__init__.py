@@ -128,14 +128,22 @@ any_arch_option = click.option(
     help="Accept a vector made for another architecture (its shapes must still fit the model).")
 
 
+chat_template_option = click.option(
+    "chat_template", "--chat-template", default=None, metavar="NAME|FILE",
+    help="Chat template instead of the model's: chatml, llama2, base (the paper's Input:/Response: format) "
+         "or a Jinja file (needed when the GGUF has none).")
+
+
 def warn(message: str) -> None:
     """A warning or note for the user: stderr, so piped answers stay clean."""
     click.echo(message, err=True)
 
 
-def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int):  # noqa: ANN201 - Engine, imported lazily
-    """The engine for --model/--ctx/--threads/--gpu-layers/--rpc; warns when --ctx passes the
-    training context."""
+def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,  # noqa: ANN201 - Engine, imported lazily
+                chat_template: str | None = None, fmt: str = "chat"):
+    """The engine for --model/--ctx/--threads/--gpu-layers/--rpc, rendering prompts with
+    --chat-template (or --format base; else the GGUF's template, refused when it has none);
+    warns when --ctx passes the training context."""
     if n_threads < 0:
         raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
     from caa_local.engine.engine import Engine
@@ -144,6 +152,7 @@ def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layer
     if rpc and n_gpu_layers == 0:
         n_gpu_layers = -1  # --rpc alone: every layer goes to the workers
     engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, rpc=rpc)
+    engine.use_template(chat_template, fmt)
     trained = engine.meta(f"{engine.architecture}.context_length")
     if trained.isdigit() and n_ctx > int(trained):
         warn(f"Warning: --ctx {n_ctx} is beyond the {int(trained)} tokens {engine.model_path.name} "

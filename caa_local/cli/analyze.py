@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from caa_local.cli import chat_template_option
 from caa_local.core.errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
@@ -135,8 +136,7 @@ def analyze_behaviors(vector_names: tuple[str, ...], layer_spec: str, out: Path 
 @click.option("answer", "--answer", default="", help="Text written into the assistant turn after the prompt.")
 @click.option("model_path", "--model", "-m", default=None,
               help="GGUF file, Hugging Face directory or hub id (default: the default model).")
-@click.option("chat_template", "--chat-template", default=None, metavar="NAME|FILE",
-              help="Chat template instead of the model's (chatml, llama2 or a Jinja file).")
+@chat_template_option
 @click.option("fmt", "--format", type=click.Choice(["chat", "base"]), default="chat", show_default=True,
               help="chat template, or the paper's base-model format.")
 @click.option("out", "--out", type=OUT, default=None, help="Write the per-token bar plot (PNG).")
@@ -153,18 +153,17 @@ def analyze_tokens(prompt: str, vector_name: str, layer: int | None, answer: str
         caa-local analyze tokens "Is it ever right to lie?" --vector sycophancy --answer "(A" --out tokens.png
     """
     from caa_local.core.locate import load_vector
-    from caa_local.eval.experiments import token_similarity
-    from caa_local.eval.formats import hf_template
 
     _check(force, out, json_path)
     vector_path, vector = load_vector(vector_name)
     chosen = layer if layer is not None else vector.recommended_layer()
     if chosen is None:
         raise CaaError(f"{vector_path}: the vector records no recommended layer; pass --layers")
-    from caa_local.torch.hf import load_hf
+    from caa_local.torch.hf import chat_template_of, load_hf
+    from caa_local.torch.token_view import token_similarity
 
     model, tokenizer, info = load_hf(model_path, device=device)
-    template = hf_template(tokenizer, chat_template, fmt, info.name)
+    template = chat_template_of(tokenizer, chat_template, fmt, info.name)
     result = token_similarity(model, tokenizer, template, vector, chosen, prompt, answer)
     click.echo(f"{vector_path.name} @ layer {chosen}, {info.name}: cosine per token "
                f"(steered from token {result.steer_from})")
@@ -199,9 +198,11 @@ def analyze_tokens(prompt: str, vector_name: str, layer: int | None, answer: str
 @click.option("device", "--device", default="cpu", show_default=True, help="torch device (cpu, cuda, auto).")
 @click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
               help="native: CPU threads (0, the default: all cores).")
+@chat_template_option
 @click.option("force", "--force", is_flag=True, help="Overwrite the output file.")
 def analyze_pca(dataset: str, layer_spec: str, out: Path, model_path: str | None, part: str, limit: int,
-                batch_size: int, backend: str, device: str, n_threads: int, force: bool) -> None:
+                batch_size: int, backend: str, device: str, n_threads: int, chat_template: str | None,
+                force: bool) -> None:
     """PCA per layer of the activations at the answer letter, matching vs not matching.
 
     \b
@@ -222,7 +223,7 @@ def analyze_pca(dataset: str, layer_spec: str, out: Path, model_path: str | None
         from caa_local.cli import open_engine
         from caa_local.eval.analyze import example_activations_native
 
-        engine = open_engine(Path(model_path) if model_path else None, 64, n_threads, 0)
+        engine = open_engine(Path(model_path) if model_path else None, 64, n_threads, 0, chat_template)
         layers, name = parse_layer_spec(layer_spec, engine.n_layer), f"{engine.model_path.name} (native)"
         acts = example_activations_native(engine, items, layers, batch_size)
     else:
@@ -230,7 +231,8 @@ def analyze_pca(dataset: str, layer_spec: str, out: Path, model_path: str | None
 
         model, tokenizer, info = load_hf(model_path, device=device)
         layers, name = parse_layer_spec(layer_spec, info.n_layer), f"{info.name} (torch)"
-        acts = example_activations(model, tokenizer, chat_template_of(tokenizer), items, layers, batch_size)
+        template = chat_template_of(tokenizer, chat_template, where=info.name)
+        acts = example_activations(model, tokenizer, template, items, layers, batch_size)
     projections = pca_layers(acts, layers)
     click.echo(f"{data.name} ({part}, n={len(items)} pairs), {name}")
     click.echo("layer  PC1   PC2   held-out pair accuracy")

@@ -39,7 +39,7 @@ def bench(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     """
     from caa_local.core.atomic import check_writable, write_json, write_text
     from caa_local.bench.runner import check_rows, format_table, render_markdown, run
-    from caa_local.bench.tasks import Config
+    from caa_local.bench.measure import Config
 
     if n_gpu_layers:
         raise CaaError("bench measures the CPU path: --gpu-layers is not supported here")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from caa_local.cli import model_options, open_engine, warn
+from caa_local.cli import chat_template_option, model_options, open_engine, warn
 from caa_local.core.errors import CaaError
 
 METRICS = ("p_match", "sentiment", "formality", "enthusiasm", "length")
@@ -61,6 +61,7 @@ def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: An
 @click.command(name="calibrate")
 @click.argument("vector_ref", metavar="VECTOR|BEHAVIOR")
 @model_options
+@chat_template_option
 @click.option("dataset", "--dataset", default=None,
               help="A/B data: a behavior name or FILE.json (default: the vector's behavior).")
 @click.option("layers", "--layers", default=None, metavar="SPEC",
@@ -86,7 +87,7 @@ def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: An
               help="Also write the calibration summary and card as JSON.")
 @click.option("--force", is_flag=True, help="Replace an earlier calibration or an existing --out/--json file.")
 def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
-              dataset: str | None, layers: str | None, multipliers: str | None, metric: str | None,
+              chat_template: str | None, dataset: str | None, layers: str | None, multipliers: str | None, metric: str | None,
               conversations: int | None, turns: int | None, max_tokens: int | None, val_limit: int | None,
               mmlu_limit: int | None, seed: int | None, quick: bool, out: Path | None, json_path: Path | None,
               force: bool) -> None:
@@ -135,7 +136,7 @@ def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: i
                                     conversations=conversations, turns=turns, max_tokens=max_tokens,
                                     val_limit=val_limit, mmlu_limit=mmlu_limit, seed=seed)
     data = load_data(behavior, dataset, settings)
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template)
     if settings.layers:
         settings = dataclasses.replace(settings, layers=parse_layer_spec(layers, engine.n_layer))
     run_calibration(vector_path, out, force, engine, settings, data, json_path)

@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
-from caa_local.cli import (any_arch_option, clamp_max_tokens, load_vector_specs, model_options, open_engine, warn,
-                           warn_multipliers)
+from caa_local.cli import (any_arch_option, chat_template_option, clamp_max_tokens, load_vector_specs, model_options,
+                           open_engine, warn, warn_multipliers)
+from caa_local.core.positions import POSITIONS
 
-POSITIONS = ("response", "all")  # engine.POSITIONS, repeated to keep --help fast
 
 
 def steering_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,7 +44,7 @@ def steering_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--system/--temperature/--top-p/--max-tokens/--seed (defaults: chat.CHAT_SAMPLING)."""
+    """--system/--temperature/--top-p/--max-tokens/--seed (defaults: engine.CHAT_SAMPLING)."""
     options = [
         click.option("system", "--system", default=None, help="System message."),
         click.option("temperature", "--temperature", type=click.FloatRange(min=0), default=0.7,
@@ -76,12 +76,12 @@ def steer_all(engine: Any, loaded: Sequence[tuple[str, Any, float]], layers: str
 
 def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
            multiplier: float | None, layers: str | None, positions: str, any_arch: bool,
-           temperature: float, top_p: float, max_tokens: int, seed: int,
+           temperature: float, top_p: float, max_tokens: int, seed: int, chat_template: str | None,
            when: tuple[str, ...] = ()):  # noqa: ANN202
     """(engine, sampling) with the --vector options applied; warnings go to stderr."""
     import dataclasses
 
-    from caa_local.chat.repl import CHAT_SAMPLING
+    from caa_local.engine.engine import CHAT_SAMPLING
     from caa_local.core.layers import parse_layer_spec
 
     loaded = load_vector_specs(vectors, multiplier)
@@ -97,7 +97,7 @@ def _setup(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: in
         for spec in when:
             resolve_vector(parse_when(spec)[0])  # unknown names before the model loads
     warn_multipliers(scale for _, _, scale in loaded)
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template)
     steer_all(engine, loaded, layers, any_arch)
     if when:
         from caa_local.chat.conditions import gate, load_condition
@@ -173,11 +173,13 @@ def repl(session: Any) -> None:
 
 @click.command()
 @model_options
+@chat_template_option
 @steering_options
 @sampling_options
-def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, vectors: tuple[str, ...],
-         multiplier: float | None, layers: str | None, positions: str, when: tuple[str, ...], any_arch: bool,
-         system: str | None, temperature: float, top_p: float, max_tokens: int, seed: int) -> None:
+def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
+         vectors: tuple[str, ...], multiplier: float | None, layers: str | None, positions: str,
+         when: tuple[str, ...], any_arch: bool, system: str | None, temperature: float, top_p: float,
+         max_tokens: int, seed: int) -> None:
     """Chat with a model, changing its steering live with /steer, /scale, /unsteer.
 
     \b
@@ -187,7 +189,7 @@ def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
     """
     preload = _preload_prompt_toolkit()
     engine, sampling = _setup(model_path, n_ctx, n_threads, n_gpu_layers, vectors, multiplier, layers,
-                              positions, any_arch, temperature, top_p, max_tokens, seed, when)
+                              positions, any_arch, temperature, top_p, max_tokens, seed, chat_template, when)
     from caa_local.chat.repl import ChatSession
 
     preload.join()
@@ -197,15 +199,16 @@ def chat(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
 @click.command()
 @click.argument("prompt")
 @model_options
+@chat_template_option
 @steering_options
 @sampling_options
 @click.option("json_path", "--json", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the answer, steering and timings as JSON to this file.")
 @click.option("force", "--force", is_flag=True, help="Overwrite the --json file if it exists.")
 def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
-             vectors: tuple[str, ...], multiplier: float | None, layers: str | None, positions: str,
-             when: tuple[str, ...], any_arch: bool, system: str | None, temperature: float, top_p: float,
-             max_tokens: int, seed: int, json_path: Path | None, force: bool) -> None:
+             chat_template: str | None, vectors: tuple[str, ...], multiplier: float | None, layers: str | None,
+             positions: str, when: tuple[str, ...], any_arch: bool, system: str | None, temperature: float,
+             top_p: float, max_tokens: int, seed: int, json_path: Path | None, force: bool) -> None:
     """Answer one PROMPT, streamed to stdout.
 
     \b
@@ -217,7 +220,7 @@ def generate(prompt: str, model_path: Path | None, n_ctx: int, n_threads: int, n
     if json_path is not None:
         check_writable(json_path, force)
     engine, sampling = _setup(model_path, n_ctx, n_threads, n_gpu_layers, vectors, multiplier, layers,
-                              positions, any_arch, temperature, top_p, max_tokens, seed, when)
+                              positions, any_arch, temperature, top_p, max_tokens, seed, chat_template, when)
     from caa_local.chat.repl import ChatSession
 
     session = ChatSession(engine, sampling, system=system, any_arch=any_arch, positions=positions)

@@ -16,14 +16,14 @@ from typing import Any
 
 import click
 
-from caa_local.cli import any_arch_option, clamp_max_tokens, model_options, open_engine, warn, warn_multipliers
+from caa_local.cli import (any_arch_option, chat_template_option, clamp_max_tokens, model_options, open_engine, warn,
+                           warn_multipliers)
 from caa_local.core.errors import CaaError
 
 OUT = click.Path(dir_okay=False, path_type=Path)
 PAPER_MULTIPLIERS = "-1,-0.5,0,0.5,1"
 OPEN_ENDED_MULTIPLIERS = "-2,-1.5,-1,0,1,1.5,2"
 CAPABILITY_MULTIPLIERS = "-2,-1,0,1,2"
-DEMO_METRIC = {"sentiment": "sentiment", "formality": "formality", "enthusiasm": "enthusiasm"}
 
 
 @click.group(name="eval")
@@ -96,9 +96,7 @@ def _table(result: Any) -> str:
 
 def template_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--format chat|base and --chat-template NAME|FILE, for every command that builds prompts."""
-    func = click.option("chat_template", "--chat-template", default=None, metavar="NAME|FILE",
-                        help="Chat template to use instead of the model's: chatml, llama2 or a Jinja file "
-                             "(needed when the GGUF has none).")(func)
+    func = chat_template_option(func)
     return click.option("fmt", "--format", type=click.Choice(["chat", "base"]), default="chat", show_default=True,
                         help="chat: the model's template; base: the paper's 'Input: ...\\nResponse: (A' "
                              "for base models.")(func)
@@ -106,11 +104,7 @@ def template_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
             fmt: str) -> Any:
-    from caa_local.eval.formats import use_format
-
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
-    use_format(engine, chat_template, fmt)
-    return engine
+    return open_engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
 
 
 def _behavior_of(dataset: str | None, vector: Any, where: Path) -> str:
@@ -177,11 +171,10 @@ def eval_ab(vector_name: str, dataset: str | None, layer_spec: str | None, from_
     start = time.perf_counter()
     with progress_bar(data.n, "A/B", "question") as update:
         if backend == "torch":
-            from caa_local.eval.formats import hf_template
-            from caa_local.torch.hf import load_hf
+            from caa_local.torch.hf import chat_template_of, load_hf
 
             model, tokenizer, info = load_hf(model_path)
-            template = hf_template(tokenizer, chat_template, fmt, info.name)
+            template = chat_template_of(tokenizer, chat_template, fmt, info.name)
             vector, layers = _sweep_vector(vector, layer_spec, from_layer, vector_path, info.n_layer)
             result = ab_sweep_torch(model, tokenizer, template, vector, data.items, layers,
                                     mults, system_text, positions, update)
@@ -334,65 +327,27 @@ def eval_open_ended(vector_name: str, dataset: str | None, prompts_file: Path | 
     Example:
         caa-local eval open-ended --vector sentiment --dataset sentiment --multipliers -4,0,4 --limit 10
     """
-    from caa_local.eval.metrics import METRICS, perplexity as ppl, summarize
-    from caa_local.eval.open_ended import open_ended
-    from caa_local.eval.formats import PROTOCOLS, default_protocol
-    from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary
-    from caa_local.core.templates import user_turn
+    import dataclasses
 
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise CaaError(f"unknown metric {unknown[0]!r} (known: {', '.join(METRICS)})")
+    from caa_local.core.atomic import write_jsonl
+    from caa_local.eval.open_ended import open_ended_eval, plan_open_ended
+
     mults, vector_path, vector = _sweep_inputs(multipliers, vector_name, force, out_path, export_path)
     _layers(layer_spec, vector, vector_path, None)
     name, prompts = _prompts(dataset, prompts_file)
-    prompts = prompts[: limit or None]
-    behavior = behavior or (name if name in RUBRICS else vector.metadata.get("behavior") or None)
-    if (judge_model or export_path) and behavior not in RUBRICS:
-        raise CaaError(f"no judge rubric for {behavior!r}: pass --behavior (one of {', '.join(RUBRICS)})")
-    names = list(metrics) or [DEMO_METRIC.get(str(behavior), "length")]
-    chosen = PROTOCOLS[protocol or default_protocol(behavior)]
-    repeat_penalty = chosen.repeat_penalty if repeat_penalty is None else repeat_penalty
+    plan = plan_open_ended(name, prompts[: limit or None], vector, metrics, behavior, protocol, max_tokens,
+                           repeat_penalty, seed, perplexity, rubric_set, bool(judge_model or export_path))
     engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
-    max_tokens = clamp_max_tokens(max_tokens or chosen.max_tokens, engine)
+    plan = dataclasses.replace(plan, max_tokens=clamp_max_tokens(plan.max_tokens, engine))
     layers = _layers(layer_spec, vector, vector_path, engine.n_layer)
-    rows: list[dict[str, Any]] = []
-    with progress_bar(len(prompts) * len(mults) * len(layers), "generate", "answer") as update:
-        for layer in layers:
-            rows += open_ended(engine, vector, layer, mults, prompts, max_tokens, seed, update, any_arch,
-                               repeat_penalty)
-    for row in rows:
-        row.update({m: METRICS[m](row["answer"]) for m in dict.fromkeys([*names, "distinct_2", "repetition"])})
-    if perplexity:
-        values = ppl(engine, [user_turn(r["prompt"]) for r in rows], [r["answer"] for r in rows])
-        for row, value in zip(rows, values):
-            row["perplexity"] = value
-    if judge_model:
-        judge_engine = open_engine(judge_model, n_ctx, n_threads, n_gpu_layers)
-        with progress_bar(len(rows), "judge", "answer") as update:
-            rows = judge(judge_engine, rows, str(behavior), update, rubric_set)
-    for layer in layers:
-        part = [r for r in rows if r["layer"] == layer]
-        click.echo(f"layer {layer}: {len(prompts)} prompts from {name}, {vector_path.name}, "
-                   f"{max_tokens} tokens, repeat penalty {repeat_penalty:g}")
-        scores = {s["multiplier"]: s for s in judge_summary(part)} if judge_model else {}
-        for s in summarize(part, names):
-            cells = "  ".join(f"{m} {s[m]:.3f}" for m in names)
-            line = (f"  x{s['multiplier']:+g}: {cells}  | distinct-2 {s['distinct_2']:.2f}  "
-                    f"rep-4 {s['repetition']:.2f}  degenerate {s['degenerate']:.0%}")
-            if "perplexity" in s:
-                line += f"  ppl {s['perplexity']:.1f}"
-            if s["multiplier"] in scores:
-                j = scores[s["multiplier"]]
-                mean = "n/a" if j["score_mean"] is None else f"{j['score_mean']:.2f}±{j['score_std']:.2f}"
-                line += f"  | judge {mean} ({j['unparseable']} unparseable)"
-            click.echo(line)
-    from caa_local.core.atomic import write_jsonl
-
+    judge_engine = open_engine(judge_model, n_ctx, n_threads, n_gpu_layers) if judge_model else None
+    result = open_ended_eval(engine, vector, layers, mults, plan, judge_engine, progress_bar, any_arch)
+    for line in result.summary(vector_path.name):
+        click.echo(line)
     if out_path:
-        write_jsonl(out_path, rows, force)
+        write_jsonl(out_path, result.rows, force)
     if export_path:
-        write_jsonl(export_path, export_rows(rows, str(behavior), rubric_set), force)
+        write_jsonl(export_path, result.export(), force)
 
 
 def _capability(name: str) -> click.Command:
@@ -417,40 +372,30 @@ def _capability(name: str) -> click.Command:
     def command(vector_name: str, layer: int | None, multipliers: str, limit: int | None, by_category: bool,
                 model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
                 chat_template: str | None, fmt: str, json_path: Path | None, force: bool, any_arch: bool) -> None:
-        from caa_local.core.datasets import load_capability
-        from caa_local.eval.ab import capability_eval
+        from caa_local.eval.capability import capability_eval, capability_items
 
         mults, vector_path, vector = _sweep_inputs(multipliers, vector_name, force, json_path)
         spec = None if layer is None else str(layer)
         _layers(spec, vector, vector_path, None)
-        n = len(load_capability(name)[: limit or None])
+        n = len(capability_items(name, limit, by_category))
         engine = _engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template, fmt)
         chosen = _layers(spec, vector, vector_path, engine.n_layer)[0]
+        with progress_bar(n, name, "question") as update:
+            result = capability_eval(engine, name, vector, chosen, mults, limit, update, any_arch, by_category)
+        result.info.update(model=engine.model_path.name, vector=str(vector_path))
         if by_category:
-            from caa_local.eval.experiments import capability_by_category
-
-            with progress_bar(n, name, "question") as update:
-                result = capability_by_category(engine, name, vector, chosen, mults, limit, update, any_arch)
-            result.info.update(model=engine.model_path.name, vector=str(vector_path))
             click.echo(f"{name} (n={result.n}, {len(result.categories)} categories), {vector_path.name} "
                        f"@ layer {chosen}: p(correct)")
             click.echo(result.table())
-            if json_path:
-                from caa_local.core.atomic import write_json
-
-                write_json(json_path, result.to_json(), force)
-            return
-        with progress_bar(n, name, "question") as update:
-            rows = capability_eval(engine, name, vector, chosen, mults, limit, update, any_arch)
-        click.echo(f"{name} (n={n}), {vector_path.name} @ layer {chosen}")
-        for row in rows:
-            click.echo(f"  x{row['multiplier']:+g}: p(correct) {row['p_correct']:.3f}  "
-                       f"option mass {row['option_mass']:.3f}")
+        else:
+            click.echo(f"{name} (n={result.n}), {vector_path.name} @ layer {chosen}")
+            for row in result.rows():
+                click.echo(f"  x{row['multiplier']:+g}: p(correct) {row['p_correct']:.3f}  "
+                           f"option mass {row['option_mass']:.3f}")
         if json_path:
             from caa_local.core.atomic import write_json
 
-            write_json(json_path, {"model": engine.model_path.name, "vector": str(vector_path),
-                                   "dataset": name, "layer": chosen, "results": rows}, force)
+            write_json(json_path, result.to_json(), force)
 
     return command
 
@@ -533,12 +478,11 @@ def eval_report(out_dir: Path, vectors_dir: Path | None, paper: bool, extract_fr
     judge_engine = open_engine(judge_model, n_ctx, n_threads, n_gpu_layers) if judge_model else None
     hf = None
     if extract_from:
-        from caa_local.eval.formats import hf_template
         from caa_local.eval.paper import extract_vectors
-        from caa_local.torch.hf import load_hf
+        from caa_local.torch.hf import chat_template_of, load_hf
 
         model, tokenizer, info = load_hf(extract_from)
-        template = hf_template(tokenizer, chat_template, fmt, info.name)
+        template = chat_template_of(tokenizer, chat_template, fmt, info.name)
         vectors = extract_vectors(model, tokenizer, template, info, config.behaviors, train_limit, out_dir,
                                   force, warn)
         hf, source = (model, tokenizer, template), f"extracted from `{info.name}` (`vectors/`)"

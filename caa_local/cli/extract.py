@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from caa_local.cli import rpc_option
+from caa_local.cli import chat_template_option, rpc_option
 from caa_local.core.errors import CaaError
 
 
@@ -63,13 +63,15 @@ def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> Non
 @click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
               help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp.")
 @rpc_option
+@chat_template_option
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("run_calibrate", "--calibrate", is_flag=True,
               help="Then run a quick `caa-local calibrate` on the GGUF model (needs a .gguf --model or the default).")
 @click.pass_context
 def extract(ctx: click.Context, dataset: str, model_ref: str | None, backend: str, out: Path | None,
             batch_size: int, limit: int | None, part: str, layers_spec: str, read: str, device: str, dtype: str,
-            n_ctx: int, n_threads: int, n_gpu_layers: int, force: bool, run_calibrate: bool) -> None:
+            n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None, force: bool,
+            run_calibrate: bool) -> None:
     """Extract a CAA vector from DATASET (a behavior name or an A/B JSON file).
 
     \b
@@ -95,23 +97,22 @@ def extract(ctx: click.Context, dataset: str, model_ref: str | None, backend: st
     if not items:
         raise CaaError(f"{data.path}: no A/B pairs in the {part!r} part")
     if backend == "native":
-        vector = _extract_native(model_ref, items, data, batch_size, layers_spec, read, n_ctx, n_threads, n_gpu_layers)
+        vector = _extract_native(model_ref, items, data, batch_size, layers_spec, read, n_ctx, n_threads, n_gpu_layers,
+                                 chat_template)
     else:
         try:
             from caa_local.torch.extract import extract as run_extract
-            from caa_local.torch.hf import chat_template_of, load_hf
+            from caa_local.torch.hf import chat_template_of, load_hf, set_threads
         except ImportError as err:
             raise CaaError(f"--backend torch needs torch and transformers: pip install 'caa-local[extract]' "
                            f"({err}); or use --backend native with a GGUF") from None
-        if n_threads:
-            import torch
-
-            torch.set_num_threads(n_threads)
+        set_threads(n_threads)
         model, tokenizer, info = load_hf(model_ref, device=device, dtype=dtype)
+        template = chat_template_of(tokenizer, chat_template, where=info.name)
         layers = parse_layer_spec(layers_spec, info.n_layer)
         click.echo(f"backend: torch (transformers, {dtype}); {info.name}: {info.n_layer} blocks, "
                    f"n_embd {info.n_embd}; {len(items)} pairs of {data.name}", err=True)
-        vector = run_extract(model, tokenizer, chat_template_of(tokenizer), items, batch_size, layers, read,
+        vector = run_extract(model, tokenizer, template, items, batch_size, layers, read,
                              behavior=data.name, dataset_sha256=data.sha256, info=info)
         del model, tokenizer  # free the torch copy before a --calibrate loads the GGUF
     vector = vector.with_metadata(split=part, dataset=str(data.path.name))
@@ -129,7 +130,7 @@ def extract(ctx: click.Context, dataset: str, model_ref: str | None, backend: st
 
     settings = calibration_settings(True, metric=_metric_for(data.name))
     calibration_data = load_data(data.name, dataset, settings)
-    engine = open_engine(Path(model_ref) if model_ref else None, 4096, 0, 0)
+    engine = open_engine(Path(model_ref) if model_ref else None, 4096, 0, 0, chat_template)
     run_calibration(out, None, force, engine, settings, calibration_data)
 
 
@@ -138,7 +139,8 @@ def _metric_for(behavior: str) -> str:
 
 
 def _extract_native(model_ref: str | None, items: list, data: object, batch_size: int, layers_spec: str,
-                    read: str, n_ctx: int, n_threads: int, n_gpu_layers: int):  # noqa: ANN202 - ControlVector
+                    read: str, n_ctx: int, n_threads: int, n_gpu_layers: int,
+                    chat_template: str | None):  # noqa: ANN202 - ControlVector
     from caa_local.cli import open_engine
     from caa_local.cli.eval import progress_bar
     from caa_local.core.extraction import quantization_name
@@ -146,7 +148,7 @@ def _extract_native(model_ref: str | None, items: list, data: object, batch_size
     from caa_local.engine.reads import extract as run_extract
 
     # The reader makes its own context (up to --ctx tokens a prompt); the engine's stays small.
-    engine = open_engine(Path(model_ref) if model_ref else None, 64, n_threads, n_gpu_layers)
+    engine = open_engine(Path(model_ref) if model_ref else None, 64, n_threads, n_gpu_layers, chat_template)
     layers = parse_layer_spec(layers_spec, engine.n_layer)
     quant = quantization_name(engine.meta("general.file_type"))
     click.echo(f"backend: native (llama.cpp on {engine.model_path.name}, {quant}; no torch); "

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from caa_local.core.errors import CaaError
-from caa_local.core.layers import check_steerable, cvec_buffer, format_layers, no_direction
+from caa_local.core.layers import cvec_buffer, format_layers, no_direction
 from caa_local.core.vector import ControlVector
 
 if TYPE_CHECKING:
@@ -22,17 +22,24 @@ ABSURD_MULTIPLIER = 50.0
 
 @dataclass(frozen=True)
 class SteeringTerm:
-    """One vector at one scale on some of its layers (build it with ``make_term``)."""
+    """One vector at one scale on some of its layers (build it with ``make_term``; the
+    model-dependent checks happen where it meets a model, in ``Steering.buffer``)."""
 
     name: str
     vector: ControlVector
     scale: float
     layers: tuple[int, ...]
-    # The model shape (n_embd, n_layer) this term was validated for; set by the engine, which
-    # then never checks the vector again.
-    checked_for: tuple[int, int] | None = field(default=None, compare=False, repr=False)
     # Conditions (core/condition.py): the term applies to an answer only when one fires (OR).
     conditions: tuple[Condition, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", check_multiplier(self.scale))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise CaaError(f"vector {self.name!r}: no layers to steer")
+        missing = [layer for layer in self.layers if layer not in self.vector.directions]
+        if missing:
+            raise no_direction(f"vector {self.name!r}", missing[0], self.vector.layers)
 
     def describe(self) -> str:
         when = f" {' or '.join(c.describe() for c in self.conditions)}" if self.conditions else ""
@@ -42,17 +49,11 @@ class SteeringTerm:
         """The same term, applied only when one of ``conditions`` fires (none: always)."""
         return replace(self, conditions=tuple(conditions))
 
-    def with_scale(self, scale: float) -> SteeringTerm:
-        """The same vector and layers at another multiplier (stays validated)."""
-        return replace(self, scale=check_multiplier(scale))
-
-    def with_layers(self, layers: Sequence[int]) -> SteeringTerm:
-        """The same vector and multiplier on other layers, each held by the vector (stays validated)."""
-        moved = make_term(self.name, self.vector, self.scale, layers)
-        if self.checked_for is not None:
-            for layer in moved.layers:
-                check_steerable(layer, self.checked_for[1])
-        return replace(moved, checked_for=self.checked_for, conditions=self.conditions)
+    def at(self, layer: int | Sequence[int] | None = None, scale: float | None = None) -> SteeringTerm:
+        """The same vector on other layers (one or several, each held by the vector) and/or at
+        another multiplier."""
+        layers = self.layers if layer is None else tuple(sorted({layer} if isinstance(layer, int) else set(layer)))
+        return replace(self, layers=layers, scale=self.scale if scale is None else scale)
 
 
 def default_layers(vector: ControlVector) -> tuple[int, ...]:
@@ -99,11 +100,7 @@ def make_term(name: str, vector: ControlVector, scale: float,
     """
     if vector.kind == "condition":
         raise CaaError(f"{name}: is a condition, not a behavior vector (use it with --when {name})")
-    chosen = tuple(sorted(set(layers))) if layers else default_layers(vector)
-    missing = [layer for layer in chosen if layer not in vector.directions]
-    if missing:
-        raise no_direction(f"vector {name!r}", missing[0], vector.layers)
-    return SteeringTerm(name, vector, check_multiplier(scale), chosen)
+    return SteeringTerm(name, vector, scale, default_layers(vector)).at(layers or None)
 
 
 class Steering:
@@ -162,8 +159,7 @@ class Steering:
         for term in self._terms.values():
             if term.conditions:  # applied only once a condition fires (Engine.generate)
                 continue
-            if term.checked_for != (n_embd, n_layer):  # validated once, where it entered
-                term.vector.check_fits(n_embd, n_layer, where=term.name)
+            term.vector.check_fits(n_embd, n_layer, where=term.name)
             for layer in term.layers:
                 add = term.vector.directions[layer] * np.float32(term.scale)
                 summed[layer] = summed[layer] + add if layer in summed else add

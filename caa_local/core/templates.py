@@ -167,7 +167,7 @@ def resolve_template(
     if not source or not source.strip():
         raise TemplateError(
             f"{where}: has no chat template (tokenizer.chat_template); pass --chat-template FILE|NAME "
-            f"(NAME one of {', '.join(NAMED_TEMPLATES)}) or --format base for a base model"
+            f"(NAME one of {', '.join(NAMED_TEMPLATES)}; base: the paper's Input:/Response: format for a base model)"
         )
     return ChatTemplate(source, bos_token, eos_token)
 

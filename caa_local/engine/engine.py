@@ -19,6 +19,11 @@ An Engine (one llama.cpp context: KV cache, steering, decode) is the only door t
 ``steer``, ``unsteer``, ``set_steering`` and the scoped ``steered()``/``unsteered()``;
 ``engine.steering`` is a read-only snapshot. Contexts of one Model are independent and can
 decode from different threads at once (the native decode loops release the GIL).
+
+Prompts go through the GGUF's own chat template; one without a template is refused until a
+context chooses one (``use_template("llama2")``, the CLI's ``--chat-template``). Batched A/B
+scoring and block-output reads live beside the engine (``caa_local.engine.scoring``,
+``caa_local.engine.reads``) and reach llama.cpp through ``scorer()`` and ``reader()``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -37,17 +41,13 @@ import numpy.typing as npt
 from caa_local.core.condition import Condition, ConditionCheck, make_check, make_condition
 from caa_local.core.errors import CaaError, ModelLoadError, ModelMismatchError
 from caa_local.core.locate import resolve_gguf
-from caa_local.core.steering import Steering, SteeringTerm, check_multiplier
+from caa_local.core.positions import check_positions
+from caa_local.core.steering import Steering, SteeringTerm
 from caa_local.core.steering import make_term as _plain_term
-from caa_local.core.templates import CHATML, ChatTemplate, Message, instruction_end
+from caa_local.core.templates import ChatTemplate, Message, instruction_end, resolve_template
 from caa_local.core.vector import ControlVector
 from caa_local.engine import _native
 from caa_local.engine.rpc import connect as rpc_connect
-
-if TYPE_CHECKING:
-    from caa_local.engine.scoring import ABScores, Choice, Setting
-
-POSITIONS = ("response", "all")
 
 
 class ContextFullError(CaaError):
@@ -82,10 +82,8 @@ class Sampling:
     max_tokens: int = 256
 
 
-def check_positions(positions: str) -> str:
-    if positions not in POSITIONS:
-        raise CaaError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    return positions
+# The chat's sampling (REPL, generate, the coherence checks of calibration and evaluation).
+CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
 
 
 def check_sizes(n_ctx: int, n_threads: int) -> None:
@@ -112,9 +110,9 @@ class Model:
         self.n_vocab: int = self.native.n_vocab
         self.architecture: str = self.native.meta("general.architecture")
         self.name: str = self.native.meta("general.name") or self.path.stem
-        self.template = ChatTemplate(self.native.meta("tokenizer.chat_template") or CHATML,
-                                     self._special("tokenizer.ggml.bos_token_id"),
-                                     self._special("tokenizer.ggml.eos_token_id"))
+        self.bos_token = self._special("tokenizer.ggml.bos_token_id")
+        self.eos_token = self._special("tokenizer.ggml.eos_token_id")
+        self._template: ChatTemplate | None = None
         self._steerable = False
         self._lock = threading.Lock()
 
@@ -123,6 +121,23 @@ class Model:
         if not value.isdigit() or int(value) >= self.n_vocab:
             return ""
         return self.native.token_to_piece(int(value), True).decode("utf-8", "replace")
+
+    def chat_template(self, spec: str | None = None, fmt: str = "chat") -> ChatTemplate:
+        """The template prompts are rendered with: ``--chat-template NAME|FILE`` (``spec``), the
+        paper's base format (``fmt="base"``), else the GGUF's own. A GGUF without one is refused
+        with the ways out, never rendered in a guessed format (core.templates.resolve_template)."""
+        if spec is None and fmt == "chat" and self._template is not None:
+            return self._template
+        template = resolve_template(self.meta("tokenizer.chat_template"), spec, fmt, self.bos_token,
+                                    self.eos_token, self.path.name)
+        if spec is None and fmt == "chat":
+            self._template = template
+        return template
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The GGUF's own chat template (an error naming --chat-template when it has none)."""
+        return self.chat_template()
 
     def context(self, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 512) -> Engine:
         """A new context (KV cache, steering, decode) on these weights; safe to use from
@@ -199,9 +214,12 @@ class Engine:
 
     def new_context(self, n_ctx: int | None = None) -> Engine:
         """Another context on the same loaded model (alias of ``model.context``), with this
-        one's threads and batch size, its own KV cache and no steering."""
-        return Engine(self._model, self.n_ctx if n_ctx is None else n_ctx, self._n_threads_asked,
-                      n_batch=self._n_batch)
+        one's threads, batch size and chat template, its own KV cache and no steering."""
+        context = Engine(self._model, self.n_ctx if n_ctx is None else n_ctx, self._n_threads_asked,
+                         n_batch=self._n_batch)
+        if self._template is not None:
+            context.template = self._template
+        return context
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -243,8 +261,14 @@ class Engine:
 
     @template.setter
     def template(self, template: ChatTemplate) -> None:
-        """Use another template in this context (core.templates.resolve_template chooses it)."""
+        """Use another template in this context (``use_template`` chooses one by name)."""
         self._template = template
+
+    def use_template(self, spec: str | None = None, fmt: str = "chat") -> ChatTemplate:
+        """Render this context's prompts with ``--chat-template``/``--format``'s choice (see
+        ``Model.chat_template``); raises, naming the options, for a GGUF without a template."""
+        self._template = self._model.chat_template(spec, fmt)
+        return self._template
 
     def meta(self, key: str) -> str:
         """The model's GGUF metadata value for ``key`` as a string, '' when absent."""
@@ -281,23 +305,16 @@ class Engine:
 
     def make_term(self, name: str, vector: ControlVector, scale: float,
                   layers: Sequence[int] | None = None, any_arch: bool = False) -> SteeringTerm:
-        """A term checked once against this model: shapes and layers always, the vector's
-        architecture hint unless ``any_arch``."""
+        """A term checked against this model: shapes and layers always, the vector's
+        architecture hint unless ``any_arch`` (the hint is checked here only: a term made with
+        ``any_arch`` stays accepted wherever it goes, e.g. as a scoring setting)."""
         vector.check_fits(self.n_embd, self.n_layer, name)
         if vector.model_hint != self.architecture and not any_arch:
             raise ModelMismatchError(
                 f"{name}: made for a {vector.model_hint!r} model, this one is "
                 f"{self.architecture!r} (use --any-arch if the shapes are meant to match)"
             )
-        term = _plain_term(name, vector, scale, layers)
-        return SteeringTerm(term.name, term.vector, term.scale, term.layers,
-                            checked_for=(self.n_embd, self.n_layer))
-
-    def _checked(self, term: SteeringTerm) -> SteeringTerm:
-        if term.checked_for == (self.n_embd, self.n_layer):
-            check_multiplier(term.scale)
-            return term
-        return self.make_term(term.name, term.vector, term.scale, term.layers, any_arch=True).with_conditions(term.conditions)
+        return _plain_term(name, vector, scale, layers)
 
     def make_condition(self, name: str, vector: ControlVector, threshold: float | None = None,
                        invert: bool = False, any_arch: bool = False) -> Condition:
@@ -317,8 +334,9 @@ class Engine:
         self._install(Steering() if name is None else self._steering.without(name))
 
     def set_steering(self, terms: Sequence[SteeringTerm]) -> None:
-        """Replace all steering at once (all or nothing)."""
-        self._install(Steering(self._checked(t) for t in terms))
+        """Replace all steering at once (all or nothing: every term is checked against this
+        model before any applies)."""
+        self._install(Steering(terms))
 
     @contextlib.contextmanager
     def steered(self, terms: Sequence[SteeringTerm]) -> Iterator[Engine]:
@@ -495,20 +513,16 @@ class Engine:
         except _native.ContextFullError as err:
             raise ContextFullError(str(err)) from None
 
-    # -- scoring ----------------------------------------------------------------------------
-    def score_ab(self, choices: Sequence[Choice], settings: Sequence[Setting | Sequence[SteeringTerm]],
-                 positions: str = "response", progress: Callable[[int], None] | None = None) -> list[ABScores]:
-        """A/B scores of every choice under every setting (one ABScores per setting), batched:
-        with the response mask each question's unsteered prefix is decoded once."""
-        from caa_local.engine import scoring
+    # -- batched scoring and reading (caa_local.engine.scoring, caa_local.engine.reads) ----------
+    def scorer(self, prefixes: Sequence[Sequence[int]], n_options: int, max_tail: int) -> _native.Scorer:
+        """A native Scorer on this context's model and threads: each of ``prefixes`` decoded
+        once, unsteered, in a KV stream of its own (see caa_local.engine.scoring)."""
+        return _native.Scorer(self._session, [list(p) for p in prefixes], n_options, max_tail)
 
-        return scoring.score_ab(self, choices, settings, positions, progress)
-
-    def perplexity(self, prompts: Sequence[Sequence[Message]], answers: Sequence[str]) -> list[float]:
-        """The unsteered model's perplexity of each answer after its chat prompt (NaN if empty)."""
-        from caa_local.engine import scoring
-
-        return scoring.perplexity(self, prompts, answers)
+    def reader(self, prefix: Sequence[int], layers: Sequence[int], max_pairs: int, max_len: int) -> _native.Reader:
+        """A native Reader of block outputs on this context's model and threads, ``prefix``
+        decoded once (see caa_local.engine.reads)."""
+        return _native.Reader(self._session, list(prefix), list(layers), max_pairs, max_len)
 
     # -- checks (tests, parity, benchmarks) -------------------------------------------------
     def layer_outputs(self, tokens: Sequence[int], steer_from: int) -> npt.NDArray[np.float32]:

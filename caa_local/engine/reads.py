@@ -74,7 +74,7 @@ def read_pairs(engine: Engine, pairs: Sequence[Pair], layers: Sequence[int], bat
     first_read = min(len(s) - n for p in pairs for s, n in zip(p.seqs, p.n_read))
     prefix = seqs[0][: common_length(seqs, min(first_read, *(p.shared for p in pairs)))]
     side_by_side = max_pairs(engine, batch_size, max_len, kv_budget_bytes)
-    reader = _native.Reader(engine._session, prefix, list(layers), side_by_side, max_len)
+    reader = engine.reader(prefix, layers, side_by_side, max_len)
     for start in range(0, len(pairs), side_by_side):
         chunk = pairs[start : start + side_by_side]
         out = reader.read([s for p in chunk for s in p.seqs], [p.shared for p in chunk],

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from caa_local.core.errors import CaaError
-from caa_local.core.steering import Steering, SteeringTerm, make_term
+from caa_local.core.positions import check_positions
+from caa_local.core.steering import Steering, SteeringTerm
 from caa_local.core.templates import Message, shared_prefix, user_turn
-from caa_local.core.vector import ControlVector
 from caa_local.engine import _native
-from caa_local.engine.engine import Engine, check_positions
+from caa_local.engine.engine import Engine
 
 KV_BUDGET_BYTES = 512 << 20
 
@@ -42,27 +42,6 @@ def choices_from_items(items: Sequence[object], system: str | None = None) -> li
         Choice(tuple(user_turn(item.question, system)), item.matching_letter, item.not_matching_letter)  # type: ignore[attr-defined]
         for item in items
     ]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What to steer with: no vector (baseline), or vector x multiplier at some layers."""
-
-    vector: ControlVector | None = None
-    multiplier: float = 0.0
-    layers: tuple[int, ...] = ()
-
-    def steering(self, engine: Engine, checked: dict[int, SteeringTerm]) -> Steering:
-        """The setting as engine steering. ``checked`` holds one engine-validated term per
-        vector, so a sweep validates each vector once, not once per setting."""
-        if self.vector is None or self.multiplier == 0.0:
-            return Steering()
-        base = checked.get(id(self.vector))
-        if base is None:
-            # Sweeps score vectors made for other architectures too (callers check the hint).
-            base = checked[id(self.vector)] = engine.make_term("setting", self.vector, 1.0, any_arch=True)
-        term = make_term("setting", self.vector, self.multiplier, self.layers or None)
-        return Steering([replace(term, checked_for=base.checked_for)])
 
 
 @dataclass(frozen=True)
@@ -128,32 +107,31 @@ def _chunks(prepared: list[_Prepared], budget_tokens: int, max_questions: int) -
     return chunks
 
 
-SettingLike = Setting | Sequence[SteeringTerm]
+Setting = Sequence[SteeringTerm]  # the terms one score is taken under (empty: unsteered)
+Buffer = tuple[npt.NDArray[np.float32], int, int]
 
 
-def _packed(engine: Engine, settings: Sequence[SettingLike]) -> list[tuple[npt.NDArray[np.float32], int, int] | None]:
-    checked: dict[int, SteeringTerm] = {}
-    out = []
-    for setting in settings:
-        if isinstance(setting, Setting):
-            steering = setting.steering(engine, checked)
-        else:
-            steering = Steering(engine._checked(t) for t in setting)
-        out.append(steering.buffer(engine.n_embd, engine.n_layer))
+def _buffers(engine: Engine, settings: Sequence[Setting]) -> list[Buffer | None]:
+    """Each setting's steering buffer, every term checked against the model; a model whose
+    architecture ignores control vectors is refused rather than scored flat."""
+    out = [Steering(setting).buffer(engine.n_embd, engine.n_layer) for setting in settings]
+    if any(buffer is not None for buffer in out):
+        engine.require_steerable()
     return out
 
 
 def score_ab(
     engine: Engine,
     choices: Sequence[Choice],
-    settings: Sequence[SettingLike],
+    settings: Sequence[Setting],
     positions: str = "response",
     progress: Callable[[int], None] | None = None,
     kv_budget_bytes: int = KV_BUDGET_BYTES,
 ) -> list[ABScores]:
     """Scores of every choice under every setting (one ABScores per setting).
 
-    A setting is a ``Setting`` or a sequence of engine terms (empty: unsteered).
+    A setting is a sequence of steering terms (empty: unsteered), e.g.
+    ``[(), (term.at(layer=13, scale=-1.0),), (term.at(layer=13, scale=1.0),)]``.
     ``positions="all"`` steers the whole prompt too, so nothing is reused: each setting then
     decodes every prompt in full, as the paper's reference code does. The engine's own
     steering is neither used nor changed.
@@ -166,15 +144,14 @@ def score_ab(
         prepared = [
             _Prepared([], [p.prefix + c for c in p.continuations], p.n_scored) for p in prepared
         ]
-    packed = _packed(engine, settings)
+    packed = _buffers(engine, settings)
     # Worst case KV per token without GQA: K and V, f16, every layer.
     bytes_per_token = 4 * engine.n_layer * engine.n_embd
     budget_tokens = max(kv_budget_bytes // bytes_per_token, 512)
     logp = np.zeros((len(settings), len(prepared), 2))
-    session = engine._session
     for chunk in _chunks(prepared, budget_tokens, _native.LLAMA_MAX_SEQ // 2):
         max_tail = max(len(c) for i in chunk for c in prepared[i].continuations)
-        scorer = _native.Scorer(session, [prepared[i].prefix for i in chunk], 2, max_tail)
+        scorer = engine.scorer([prepared[i].prefix for i in chunk], 2, max_tail)
         conts = [prepared[i].continuations for i in chunk]
         n_scored = [prepared[i].n_scored for i in chunk]
         for s, buffer in enumerate(packed):
@@ -184,15 +161,15 @@ def score_ab(
     return [ABScores(logp[s, :, 0], logp[s, :, 1]) for s in range(len(settings))]
 
 
-def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: SettingLike,
+def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: Setting,
                    positions: str = "response") -> ABScores:
-    """The reference method: decode each full prompt + answer anew (for tests and benchmarks)."""
+    """The slow method: decode each full prompt + answer anew, one scored token at a time (the
+    benchmark's baseline; tests check both against llama-cpp-python's own logits)."""
     check_positions(positions)
-    buffer = _packed(engine, [setting])[0]
+    _buffers(engine, [setting])
     # A context of its own: the engine's steering and KV cache stay as they are.
-    session = _native.Session(engine.model.native, 64, engine.n_threads, 64)
-    if buffer is not None:
-        session.set_steering(*buffer)
+    context = engine.model.context(n_ctx=64, n_threads=engine.n_threads, n_batch=64)
+    context.set_steering(setting)
     logp = np.zeros((len(choices), 2))
     for q, choice in enumerate(choices):
         p = _prepare(engine, choice)
@@ -200,7 +177,7 @@ def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: SettingLi
             tokens = p.prefix + cont
             steer_from = 0 if positions == "all" else len(p.prefix)
             for j in range(len(tokens) - p.n_scored[o], len(tokens)):
-                logits = session.logits_after(tokens[:j], min(steer_from, j)).astype(np.float64)
+                logits = context.logits_after(tokens[:j], min(steer_from, j)).astype(np.float64)
                 top = logits.max()
                 logp[q, o] += logits[tokens[j]] - top - np.log(np.exp(logits - top).sum())
     return ABScores(logp[:, 0], logp[:, 1])
@@ -230,7 +207,7 @@ def perplexity(
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
         max_tail = max(len(j[2]) for j in part)
-        scorer = _native.Scorer(engine._session, [j[1] for j in part], 1, max_tail)
+        scorer = engine.scorer([j[1] for j in part], 1, max_tail)
         logp = scorer.score([[j[2]] for j in part], [[j[3]] for j in part])
         for (i, _, _, n_scored), value in zip(part, logp[:, 0]):
             out[i] = float(math.exp(-value / n_scored))

@@ -6,28 +6,28 @@ multiplier 0 is one shared baseline, identical for every layer. Rows hold means 
 questions; the per-question arrays stay in the result for the analyses of Tan et al. (2024):
 steerability (least-squares slope of the mean logit difference against the multiplier) and
 the fraction of anti-steerable questions (whose own slope has the opposite sign).
-``ab_sweep_torch`` is the transformers reference (small sets only); open-ended answers
-live in ``caa_local.eval.open_ended``.
+``ab_sweep_torch`` is the transformers reference (small sets only, its forward passes in
+``caa_local.torch.ab``); capability sets live in ``caa_local.eval.capability`` and open-ended
+answers in ``caa_local.eval.open_ended``, both on this module's settings grid.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from caa_local.engine.engine import Engine
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers
-from caa_local.engine.scoring import Choice, choices_from_items
 from caa_local.core.steering import SteeringTerm, check_multipliers
-from caa_local.core.templates import ChatTemplate, instruction_end, shared_prefix, user_turn
+from caa_local.core.templates import ChatTemplate
 from caa_local.core.vector import ControlVector
+from caa_local.engine.engine import Engine
+from caa_local.engine.scoring import ABScores, Choice, Setting, choices_from_items, score_ab
 
 Progress = Callable[[int], None]
 CHUNK_QUESTIONS = 32  # questions per scoring call: bounds memory and keeps progress moving
@@ -135,6 +135,39 @@ class SweepResult:
         return cls(layers, mults, arrays["p_match"], arrays["option_mass"], arrays["logit_diff"], info)
 
 
+Grid = tuple[list[Setting], dict[tuple[Hashable, float], int]]
+
+
+def steering_grid(cells: Sequence[tuple[Hashable, SteeringTerm]], multipliers: Sequence[float]) -> Grid:
+    """The settings to score for every (cell, multiplier): the cell's term (a vector on its
+    layer) at that multiplier. Multiplier 0 is one unsteered baseline shared by every cell.
+    Returns (settings, index of (cell key, multiplier) -> setting)."""
+    settings: list[Setting] = []
+    index: dict[tuple[Hashable, float], int] = {}
+    baseline: int | None = None
+    for key, term in cells:
+        for mult in multipliers:
+            if mult == 0.0:
+                if baseline is None:
+                    baseline = len(settings)
+                    settings.append(())
+                index[(key, mult)] = baseline
+            else:
+                index[(key, mult)] = len(settings)
+                settings.append((term.at(scale=mult),))
+    return settings, index
+
+
+def score_chunked(engine: Engine, choices: Sequence[Choice], settings: Sequence[Setting], positions: str = "response",
+                  progress: Progress | None = None) -> list[ABScores]:
+    """``score_ab`` over ``CHUNK_QUESTIONS`` questions at a time (memory stays bounded, progress
+    moves); one ABScores per setting, questions in order."""
+    parts = [score_ab(engine, choices[start : start + CHUNK_QUESTIONS], settings, positions, progress)
+             for start in range(0, len(choices), CHUNK_QUESTIONS)]
+    return [ABScores(np.concatenate([p[s].logp_matching for p in parts]),
+                     np.concatenate([p[s].logp_not_matching for p in parts])) for s in range(len(settings))]
+
+
 def sweep_choices(
     engine: Engine,
     vector: ControlVector,
@@ -149,29 +182,16 @@ def sweep_choices(
     unit = engine.make_term("vector", vector, 1.0, any_arch=force)  # the vector's one validation
     layers = check_vector_layers(layers, vector.layers, engine.n_layer)
     multipliers = check_multipliers(multipliers)
-    settings: list[tuple[SteeringTerm, ...]] = []
-    index: dict[tuple[int, float], int] = {}
-    for layer in layers:
-        for mult in multipliers:
-            if mult == 0.0:
-                if (0, 0.0) not in index:
-                    index[(0, 0.0)] = len(settings)
-                    settings.append(())
-                index[(layer, mult)] = index[(0, 0.0)]
-            else:
-                index[(layer, mult)] = len(settings)
-                settings.append((replace(unit, scale=mult, layers=(layer,)),))
-    scores = []
-    for start in range(0, len(choices), CHUNK_QUESTIONS):
-        scores.append(engine.score_ab(choices[start : start + CHUNK_QUESTIONS], settings, positions, progress))
+    if not choices:
+        raise CaaError("no questions to evaluate")
+    settings, index = steering_grid([(layer, unit.at(layer=layer)) for layer in layers], multipliers)
+    scores = score_chunked(engine, choices, settings, positions, progress)
     shape = (len(layers), len(multipliers), len(choices))
     arrays = {k: np.zeros(shape) for k in ("p_match", "option_mass", "logit_diff")}
-    for (layer, mult), s in index.items():
-        if layer == 0:
-            continue
-        i, j = layers.index(layer), multipliers.index(mult)
-        for name, arr in arrays.items():
-            arr[i, j] = np.concatenate([getattr(chunk[s], name) for chunk in scores])
+    for i, layer in enumerate(layers):
+        for j, mult in enumerate(multipliers):
+            for name, arr in arrays.items():
+                arr[i, j] = getattr(scores[index[(layer, mult)]], name)
     return SweepResult(layers, multipliers, arrays["p_match"], arrays["option_mass"], arrays["logit_diff"])
 
 
@@ -196,28 +216,6 @@ def ab_sweep(
     return result
 
 
-def capability_eval(
-    engine: Engine,
-    name: str,
-    vector: ControlVector,
-    layer: int,
-    multipliers: Sequence[float],
-    limit: int | None = None,
-    progress: Progress | None = None,
-    force: bool = False,
-) -> list[dict[str, Any]]:
-    """p(correct answer) on "mmlu" or "truthfulqa" (A/B: correct vs one incorrect answer)."""
-    from caa_local.core.datasets import load_capability
-
-    items = load_capability(name)[: limit or None]
-    choices = [Choice(tuple(user_turn(it.prompt)), it.correct[1], it.incorrect[1]) for it in items]
-    result = sweep_choices(engine, vector, choices, [layer], multipliers, progress, force)
-    return [
-        {"multiplier": r["multiplier"], "p_correct": r["p_match"], "n": r["n"], "option_mass": r["option_mass"]}
-        for r in result.rows()
-    ]
-
-
 # -- the torch reference -------------------------------------------------------------------------
 def ab_sweep_torch(
     model: Any,
@@ -232,54 +230,16 @@ def ab_sweep_torch(
     progress: Progress | None = None,
 ) -> SweepResult:
     """:func:`ab_sweep` with transformers and torch hooks: full prompts, one pass per answer."""
-    import torch
-
-    from caa_local.torch.steer import steer
+    from caa_local.torch.ab import answer_logprobs  # the torch extra, loaded only when asked for
 
     n_layer = int(model.config.num_hidden_layers)
     vector.check_fits(int(model.config.hidden_size), n_layer, "vector")
     layers = check_vector_layers(layers, vector.layers, n_layer)
     multipliers = check_multipliers(multipliers)
-    shape = (len(layers), len(multipliers), len(dataset_items), 2)
-    logp = np.zeros(shape)
-
-    def ids(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def answer_logp(tokens: list[int], n_scored: int, steer_from: int, layer: int, mult: float) -> float:
-        with _steer_or_nothing(steer, model, vector, mult, layer, steer_from), torch.inference_mode():
-            logits = model(input_ids=torch.tensor([tokens])).logits[0].double()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        return float(sum(logprobs[j - 1, tokens[j]] for j in range(len(tokens) - n_scored, len(tokens))))
-
-    for q, item in enumerate(dataset_items):
-        messages = user_turn(item.question, system)
-        prompt_ids = ids(template.render(messages, add_generation_prompt=True))
-        for o, letter in enumerate((item.matching_letter, item.not_matching_letter)):
-            tokens = ids(template.render_answer(messages, "(" + letter))
-            shared = shared_prefix(prompt_ids, tokens)
-            steer_from = 0 if positions == "all" else instruction_end(prompt_ids, tokens)
-            base = None
-            for i, layer in enumerate(layers):
-                for j, mult in enumerate(multipliers):
-                    if mult == 0.0 and base is not None:
-                        logp[i, j, q, o] = base
-                        continue
-                    logp[i, j, q, o] = answer_logp(tokens, len(tokens) - shared, steer_from, layer, mult)
-                    if mult == 0.0:
-                        base = logp[i, j, q, o]
-        if progress:
-            progress(1)
+    questions = [(c.messages, (c.matching, c.not_matching)) for c in choices_from_items(dataset_items, system)]
+    logp = answer_logprobs(model, tokenizer, template, vector, questions, layers, multipliers, positions, progress)
     diff = logp[..., 0] - logp[..., 1]
     result = SweepResult(layers, multipliers, 1.0 / (1.0 + np.exp(-diff)),
                          np.exp(logp[..., 0]) + np.exp(logp[..., 1]), diff)
     result.info.update(backend="torch", positions=positions, system=system or "")
     return result
-
-
-def _steer_or_nothing(steer: Any, model: Any, vector: ControlVector, mult: float, layer: int,
-                     steer_from: int) -> Any:
-    """torch_steer.steer for one layer, or nothing at multiplier 0."""
-    if mult == 0.0:
-        return contextlib.nullcontext()
-    return steer(model, vector, mult, [layer], from_position=steer_from)

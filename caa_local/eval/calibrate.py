@@ -177,7 +177,8 @@ def _rounded(scores: dict[int, float]) -> dict[str, float | None]:
 def reliability_card(engine: Any, vector: ControlVector, layer: int, multiplier: float, negative: float | None,
                      data: Data, settings: Settings, log: Log, any_arch: bool = False) -> dict[str, Any]:
     """p(match) on the test split, anti-steerable share, system-prompt baseline, MMLU change."""
-    from caa_local.eval.ab import ab_sweep, capability_eval
+    from caa_local.eval.ab import ab_sweep
+    from caa_local.eval.capability import capability_eval
 
     card: dict[str, Any] = {"layer": layer, "multiplier": multiplier, "negative_limit": negative}
     if data.test:
@@ -193,10 +194,9 @@ def reliability_card(engine: Any, vector: ControlVector, layer: int, multiplier:
     card["system_prompt"] = system_prompt_baseline(engine, data, log)
     if settings.mmlu_limit:
         log(f"card: MMLU, {settings.mmlu_limit} questions at x+0 and x{multiplier:+g}")
-        rows = {r["multiplier"]: r for r in capability_eval(engine, "mmlu", vector, layer, [0.0, multiplier],
-                                                            limit=settings.mmlu_limit)}
-        base, steered = rows[0.0]["p_correct"], rows[multiplier]["p_correct"]
-        card["mmlu"] = {"n": rows[0.0]["n"], "at_0": round(base, 4), "at_recommended": round(steered, 4),
+        mmlu = capability_eval(engine, "mmlu", vector, layer, [0.0, multiplier], limit=settings.mmlu_limit)
+        base, steered = mmlu.at(0.0), mmlu.at(multiplier)
+        card["mmlu"] = {"n": mmlu.n, "at_0": round(base, 4), "at_recommended": round(steered, 4),
                         "change": round(steered - base, 4)}
     return card
 
@@ -243,7 +243,7 @@ def card_lines(summary: dict[str, Any]) -> list[str]:
 def calibrate(engine: Any, vector: ControlVector, data: Data, settings: Settings = Settings(),
               log: Log | None = None, any_arch: bool = False) -> dict[str, Any]:
     """Layer, strength and card; returns the summary that :func:`calibrated` stores."""
-    from caa_local.chat.repl import CHAT_SAMPLING
+    from caa_local.engine.engine import CHAT_SAMPLING
     from caa_local.core.locate import file_sha256
 
     log = log or (lambda message: None)

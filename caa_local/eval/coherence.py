@@ -22,6 +22,8 @@ import numpy as np
 from caa_local.core.errors import CaaError
 from caa_local.core.templates import Message
 from caa_local.core.vector import ControlVector
+from caa_local.engine.engine import CHAT_SAMPLING
+from caa_local.engine.scoring import perplexity
 from caa_local.eval import metrics as M
 
 Log = Callable[[str], None]
@@ -101,7 +103,7 @@ def guard_point(engine: Any, rows: Sequence[dict[str, Any]], metric: str,
                 base: dict[str, Any] | None, guard: Guard) -> dict[str, Any]:
     """The guard's figures for one multiplier's conversations (``base``: multiplier 0's)."""
     answers = [r["answer"] for r in rows]
-    ppl = np.asarray(engine.perplexity([r["messages"] for r in rows], answers), dtype=float)
+    ppl = np.asarray(perplexity(engine, [r["messages"] for r in rows], answers), dtype=float)
     finite = ppl[np.isfinite(ppl)]
     median = float(np.median(finite)) if finite.size else math.inf
     ref = base["perplexity"] if base else median
@@ -129,8 +131,6 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
     ``sampling`` defaults to the chat's (``CHAT_SAMPLING``); each turn gets its own seed, the
     same at every multiplier, so the multipliers are compared on paired samples.
     """
-    from caa_local.chat.repl import CHAT_SAMPLING
-
     sampling = sampling or CHAT_SAMPLING
     n_turns = sum(len(c) for c in conversations)
 

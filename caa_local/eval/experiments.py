@@ -2,26 +2,22 @@
 
 - :func:`transfer_vector`: one layer's direction applied at other layers (the paper's
   "layer-13 vector at every layer" figure); evaluate it with ``ab_sweep``.
-- :func:`capability_by_category`: MMLU / TruthfulQA p(correct) per category and multiplier.
 - :func:`layer_similarity`: cosine of two vectors layer by layer (base- vs chat-model vectors).
-- :func:`token_similarity`: cosine of a vector with every token's activation in a prompt (torch).
+
+MMLU / TruthfulQA per category live in ``caa_local.eval.capability``; the per-token view
+(cosine of a vector with every token's activation, torch) in ``caa_local.torch.token_view``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from caa_local.core.errors import CaaError, ModelMismatchError
 from caa_local.core.vector import ControlVector
-
-if TYPE_CHECKING:
-    from caa_local.core.templates import ChatTemplate
-    from caa_local.engine.engine import Engine
 
 
 def transfer_vector(vector: ControlVector, from_layer: int, layers: Sequence[int]) -> ControlVector:
@@ -34,125 +30,6 @@ def transfer_vector(vector: ControlVector, from_layer: int, layers: Sequence[int
     meta = {**vector.metadata, "transferred_from_layer": str(from_layer)}
     meta.pop("recommended_layer", None)
     return ControlVector(vector.model_hint, {layer: direction for layer in layers}, meta)
-
-
-# -- capability per category ---------------------------------------------------------------------
-@dataclass
-class CapabilityResult:
-    """p(correct) per category x multiplier for one capability set ("mmlu", "truthfulqa")."""
-
-    name: str
-    layer: int
-    multipliers: list[float]
-    categories: list[str]
-    p_correct: npt.NDArray[np.float64]  # (multiplier, question)
-    question_category: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.question_category)
-
-    def by_category(self) -> dict[str, list[float]]:
-        cats = np.asarray(self.question_category)
-        return {c: [float(row[cats == c].mean()) for row in self.p_correct] for c in self.categories}
-
-    def overall(self) -> list[float]:
-        return [float(row.mean()) for row in self.p_correct]
-
-    def counts(self) -> dict[str, int]:
-        return {c: self.question_category.count(c) for c in self.categories}
-
-    def table(self) -> str:
-        """Markdown: one row per category (with n), then all questions."""
-        head = "| category | n | " + " | ".join(f"x{m:+g}" for m in self.multipliers) + " |"
-        lines = [head, "|---|---|" + "---|" * len(self.multipliers)]
-        counts = self.counts()
-        for cat, values in self.by_category().items():
-            lines.append(f"| {cat} | {counts[cat]} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
-        lines.append(f"| **all** | {self.n} | " + " | ".join(f"**{v:.3f}**" for v in self.overall()) + " |")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.name, "layer": self.layer, "multipliers": self.multipliers, "n": self.n,
-                "overall": self.overall(), "by_category": self.by_category(), "counts": self.counts(), **self.info}
-
-
-def _capability_items(name: str, limit: int | None) -> list[Any]:
-    """The set's questions; ``limit`` keeps the first N of every category, so each stays represented."""
-    from caa_local.core.datasets import load_capability
-
-    items = load_capability(name)
-    if not limit:
-        return items
-    seen: dict[str, int] = {}
-    kept = []
-    for it in items:
-        if seen.get(it.category, 0) < limit:
-            seen[it.category] = seen.get(it.category, 0) + 1
-            kept.append(it)
-    return kept
-
-
-def capability_tables(
-    engine: Engine,
-    name: str,
-    steering: Mapping[str, tuple[ControlVector, int]],
-    multipliers: Sequence[float],
-    limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    force: bool = False,
-) -> dict[str, CapabilityResult]:
-    """Per-category p(correct) for several vectors (name -> (vector, layer)) in one scoring pass.
-
-    Every question's unsteered prompt is decoded once for all vectors and multipliers, and
-    multiplier 0 is one shared baseline: the paper's capability tables for all behaviors cost
-    about what one behavior's does.
-    """
-    import dataclasses
-
-    from caa_local.core.layers import check_vector_layers
-    from caa_local.core.steering import SteeringTerm, check_multipliers
-    from caa_local.core.templates import user_turn
-    from caa_local.engine.scoring import Choice
-
-    mults = check_multipliers(multipliers)
-    items = _capability_items(name, limit)
-    settings: list[tuple[SteeringTerm, ...]] = [()]
-    index: dict[tuple[str, float], int] = {}
-    for key, (vector, layer) in steering.items():
-        unit = engine.make_term(key, vector, 1.0, any_arch=force)  # the vector's one validation
-        check_vector_layers([layer], vector.layers, engine.n_layer)
-        for m in mults:
-            if m != 0.0:
-                index[(key, m)] = len(settings)
-                settings.append((dataclasses.replace(unit, scale=m, layers=(layer,)),))
-    choices = [Choice(tuple(user_turn(it.prompt)), it.correct[1], it.incorrect[1]) for it in items]
-    scores = engine.score_ab(choices, settings, progress=progress)
-    categories = sorted({it.category for it in items})
-    question_category = [it.category for it in items]
-    return {
-        key: CapabilityResult(name, layer, mults, categories,
-                              np.stack([scores[index.get((key, m), 0)].p_match for m in mults]), question_category)
-        for key, (vector, layer) in steering.items()
-    }
-
-
-def capability_by_category(
-    engine: Engine,
-    name: str,
-    vector: ControlVector,
-    layer: int,
-    multipliers: Sequence[float],
-    limit: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    force: bool = False,
-) -> CapabilityResult:
-    """p(correct answer) on "mmlu" / "truthfulqa" per category (the paper's capability tables).
-
-    ``limit`` keeps the first N questions of every category, so each category stays represented.
-    """
-    return capability_tables(engine, name, {"vector": (vector, layer)}, multipliers, limit, progress, force)["vector"]
 
 
 # -- vector similarity across layers -------------------------------------------------------------
@@ -187,58 +64,3 @@ def layer_similarity(a: ControlVector, b: ControlVector, names: tuple[str, str] 
         denom = np.linalg.norm(x) * np.linalg.norm(y)
         cos.append(float(x @ y / denom) if denom > 0 else 0.0)
     return LayerSimilarity(names, layers, cos)
-
-
-# -- per-token similarity --------------------------------------------------------------------------
-@dataclass
-class TokenSimilarity:
-    """Cosine of a vector's layer-L direction with the block-L output at every token."""
-
-    layer: int
-    tokens: list[str]
-    cosine: list[float]
-    steer_from: int  # first token the paper's position mask would steer
-
-    def table(self) -> str:
-        lines = ["| # | token | cosine |", "|---|---|---|"]
-        for i, (tok, c) in enumerate(zip(self.tokens, self.cosine)):
-            mark = " (steered from here)" if i == self.steer_from else ""
-            lines.append(f"| {i} | `{tok!r}`{mark} | {c:+.3f} |")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"layer": self.layer, "tokens": self.tokens, "cosine": self.cosine, "steer_from": self.steer_from}
-
-
-def token_similarity(
-    model: Any,
-    tokenizer: Any,
-    template: ChatTemplate,
-    vector: ControlVector,
-    layer: int,
-    prompt: str,
-    answer: str = "",
-) -> TokenSimilarity:
-    """The paper's per-token view: how much each token's residual stream points along the vector.
-
-    ``prompt`` goes through the chat template as a user turn; ``answer`` (optional) is written
-    into the assistant turn as the template joins it.
-    """
-    import torch
-
-    from caa_local.core.templates import instruction_end, user_turn
-    from caa_local.torch.steer import block_outputs
-
-    if layer not in vector.directions:
-        raise CaaError(f"layer {layer}: the vector has no direction there (it holds {vector.layers})")
-    n_layer = int(model.config.num_hidden_layers)
-    vector.check_fits(int(model.config.hidden_size), n_layer, "vector")
-    messages = user_turn(prompt)
-    prompt_ids = list(tokenizer(template.render(messages), add_special_tokens=False)["input_ids"])
-    ids = list(tokenizer(template.render_answer(messages, answer), add_special_tokens=False)["input_ids"])
-    outputs = block_outputs(model, torch.tensor([ids]))[layer, 0].double().numpy()
-    direction = vector.directions[layer].astype(np.float64)
-    norms = np.linalg.norm(outputs, axis=1) * np.linalg.norm(direction)
-    cos = np.divide(outputs @ direction, norms, out=np.zeros(len(ids)), where=norms > 0)
-    pieces = [tokenizer.convert_ids_to_tokens(i) for i in ids]
-    return TokenSimilarity(layer, [str(p) for p in pieces], [float(c) for c in cos], instruction_end(prompt_ids, ids))

@@ -15,7 +15,7 @@ Behavior metrics (higher = more of the behavior):
 - ``length``: words.
 Fluency: ``distinct_2`` (unique / all word bigrams), ``repetition`` (share of 4-grams that
 repeat an earlier one), ``degenerate`` (empty, > 50 % repeated 4-grams, or one token
-repeated), and :func:`perplexity`: the unsteered model's perplexity of the steered answer.
+repeated); the unsteered model's perplexity of a steered answer is ``caa_local.engine.scoring.perplexity``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,10 @@ import functools
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from caa_local.engine.engine import Engine
-    from caa_local.core.templates import Message
 
 _TOKEN = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*|[^\w\s]")
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
@@ -163,15 +160,6 @@ METRICS: dict[str, Callable[[str], float]] = {
     "repetition": repetition,
 }
 FLUENCY = ("distinct_2", "repetition")
-
-
-def perplexity(
-    engine: Engine,
-    prompts: Sequence[Sequence[Message]],
-    answers: Sequence[str],
-) -> list[float]:
-    """The unsteered model's perplexity of each answer after its chat prompt (NaN if empty)."""
-    return engine.perplexity(prompts, answers)
 
 
 def summarize(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:

@@ -121,7 +121,8 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
     """Run every experiment of the paper and write README.md, results.json and the figures."""
     from caa_local.core.datasets import eval_set
     from caa_local.eval.ab import ab_sweep
-    from caa_local.eval.experiments import capability_tables, layer_similarity, token_similarity, transfer_vector
+    from caa_local.eval.capability import capability_items, capability_tables
+    from caa_local.eval.experiments import layer_similarity, transfer_vector
     from caa_local.eval.formats import PROTOCOLS
     from caa_local.eval.judge import export_rows, judge, judge_summary
     from caa_local.eval.open_ended import open_ended
@@ -190,13 +191,14 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
     steering = {b: (inputs.vectors[b], chosen_layers[b]) for b in capable}
     for name in ("mmlu", "truthfulqa") if steering else ():
         say(f"{name} per category, {len(steering)} vectors in one pass")
-        tables = capability_tables(engine, name, steering, LAYER_SWEEP, config.capability_limit, force=True)
+        items = capability_items(name, config.capability_limit, per_category=True)
+        tables = capability_tables(engine, items, name, steering, LAYER_SWEEP, force=True)
         for b, result in tables.items():
             results["behaviors"][b].setdefault("capability", {})[name] = result.to_json()
             sections[config.behaviors.index(b)] += [f"### {name} per category at layer {result.layer}", "",
                                                     result.table(), ""]
     extras = _across_behaviors(out, inputs, config, chosen_layers, results, say, heatmap, lines_vs_layer,
-                               layer_similarity, token_similarity, token_bars)
+                               layer_similarity, token_bars)
     elapsed = time.perf_counter() - started
     results["seconds"] = round(elapsed, 1)
     write_json(out / "results.json", results, force=True)
@@ -249,7 +251,7 @@ def _behavior_section(behavior: str, layer: int, val: Any, test: Any, sweep: Any
 
 def _across_behaviors(out: Path, inputs: PaperInputs, config: PaperConfig, chosen: Mapping[str, int],
                       results: dict[str, Any], say: Callable[[str], None], heatmap: Any, lines_vs_layer: Any,
-                      layer_similarity: Any, token_similarity: Any, token_bars: Any) -> list[str]:
+                      layer_similarity: Any, token_bars: Any) -> list[str]:
     """Cosine of behaviors, base vs chat, per-token cosine: the figures across behaviors."""
     import numpy as np
 
@@ -290,6 +292,8 @@ def _across_behaviors(out: Path, inputs: PaperInputs, config: PaperConfig, chose
                   "The base model's vector steering the chat model (test set, the chat vector's layer):", "",
                   *_table(["behavior", "layer", "cosine", "x-1", "x0", "x+1"], rows), ""]
     if inputs.hf is not None:
+        from caa_local.torch.token_view import token_similarity  # the torch extra: only with a torch model
+
         model, tokenizer, template = inputs.hf
         lines += ["## Per-token cosine with the vector", ""]
         for b in behaviors:

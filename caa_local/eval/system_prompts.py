@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from caa_local.core.errors import CaaError
+from caa_local.engine.scoring import choices_from_items, score_ab
+from caa_local.eval.ab import steering_grid
 
 if TYPE_CHECKING:
     from caa_local.core.datasets import ABItem
@@ -75,16 +77,14 @@ class SystemPromptTable:
 def _sweep_means(engine: Engine, vector: ControlVector | None, items: Sequence[ABItem], layer: int | None,
                  multipliers: Sequence[float], system: str | None,
                  progress: Callable[[int], None] | None) -> list[float]:
-    import dataclasses
-
-    from caa_local.engine.scoring import choices_from_items
-
     choices = choices_from_items(items, system)
-    unit = None if vector is None else engine.make_term("vector", vector, 1.0, any_arch=True)
-    settings = [() if m == 0.0 or unit is None else (dataclasses.replace(unit, scale=m, layers=(layer,)),)
-                for m in multipliers]
-    scores = engine.score_ab(choices, settings, progress=progress)
-    return [float(s.p_match.mean()) for s in scores]
+    if vector is None or layer is None:
+        scores = score_ab(engine, choices, [()], progress=progress)
+        return [float(scores[0].p_match.mean())] * len(multipliers)
+    unit = engine.make_term("vector", vector, 1.0, any_arch=True).at(layer=layer)
+    settings, index = steering_grid([(layer, unit)], multipliers)
+    scores = score_ab(engine, choices, settings, progress=progress)
+    return [float(scores[index[(layer, m)]].p_match.mean()) for m in multipliers]
 
 
 def system_prompt_baseline(

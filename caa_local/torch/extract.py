@@ -36,7 +36,7 @@ from caa_local.core.extraction import (
     gguf_quantization,
 )
 from caa_local.torch.hf import ModelInfo, decoder_layers, input_device
-from caa_local.torch.packed import PackedReader, _Stop, packable
+from caa_local.torch.packed import PackedReader, StopForward, packable
 from caa_local.core.errors import CaaError
 from caa_local.core.templates import ChatTemplate
 from caa_local.core.vector import ControlVector
@@ -100,7 +100,7 @@ def block_reads(
             w = weights.to(device=hidden.device, dtype=torch.float32)
             out[layer] = torch.einsum("bt,bte->be", w, hidden.float()).cpu()
             if layer == deepest:
-                raise _Stop
+                raise StopForward
 
         return hook
 
@@ -114,7 +114,7 @@ def block_reads(
                 position_ids=positions.to(device),
                 use_cache=False,
             )
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for handle in handles:

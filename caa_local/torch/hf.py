@@ -23,7 +23,7 @@ import torch
 
 from caa_local.core.errors import ModelLoadError
 from caa_local.core.locate import cache_root, cached_sha256, default_model_path, resolve_gguf
-from caa_local.core.templates import CHATML, ChatTemplate
+from caa_local.core.templates import ChatTemplate, resolve_template
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DONE_MARKER = "caa-local.json"  # written last: a cache dir without it is incomplete
@@ -161,16 +161,19 @@ def load_hf(
     return hf_model, tokenizer, info
 
 
-def chat_template_of(tokenizer: Any) -> ChatTemplate:
-    """The tokenizer's chat template (ChatML, llama.cpp's fallback, when it has none)."""
+def chat_template_of(tokenizer: Any, spec: str | None = None, fmt: str = "chat", where: str = "model") -> ChatTemplate:
+    """The template for a Hugging Face tokenizer, chosen as for a GGUF (``Model.chat_template``):
+    ``--chat-template``/``--format base``, else the tokenizer's own, refused when it has none."""
     source = getattr(tokenizer, "chat_template", None)
     if isinstance(source, dict):  # several named templates: use the default one
         source = source.get("default") or next(iter(source.values()), None)
-    return ChatTemplate(
-        source=source or CHATML,
-        bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token or "",
-    )
+    return resolve_template(source, spec, fmt, tokenizer.bos_token or "", tokenizer.eos_token or "", where)
+
+
+def set_threads(n_threads: int) -> None:
+    """torch's CPU threads (0: leave torch's default)."""
+    if n_threads:
+        torch.set_num_threads(n_threads)
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:

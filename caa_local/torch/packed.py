@@ -34,7 +34,7 @@ MAX_PACK_WIDTH = 1024  # widest row tried when packing several units into one
 PACKABLE = ("sdpa", "eager")  # attention implementations that honour a 4-D float mask
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised by the deepest needed hook: later blocks and the LM head are skipped."""
 
 
@@ -42,7 +42,7 @@ def packable(model: Any) -> bool:
     return getattr(model.config, "_attn_implementation", "eager") in PACKABLE
 
 
-def _cache_arg(model: Any) -> str:
+def cache_arg(model: Any) -> str:
     """The forward argument taking a KV cache: ``cache`` (transformers 5) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -67,19 +67,19 @@ def forward_reads(model: Any, layers: Sequence[int], ids: torch.Tensor, mask: to
                 picked = hidden[rows, cols].float().cpu() * weight[:, None]
                 out[:, i].index_add_(0, slot_index, picked)
             if layer == deepest:
-                raise _Stop
+                raise StopForward
 
         return hook
 
     blocks = decoder_layers(model)
     handles = [blocks[layer].register_forward_hook(make_hook(i, layer)) for i, layer in enumerate(layers)]
     device = input_device(model)
-    kwargs = {"use_cache": True, _cache_arg(model): cache} if cache is not None else {"use_cache": False}
+    kwargs = {"use_cache": True, cache_arg(model): cache} if cache is not None else {"use_cache": False}
     try:
         with torch.inference_mode():
             model(input_ids=ids.to(device), attention_mask=mask.to(device),
                   position_ids=positions.to(device), **kwargs)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for handle in handles:
