@@ -16,7 +16,6 @@ from caa_local.core.condition import (
     KEY_LAYER,
     KEY_THRESHOLD,
     Condition,
-    ConditionCheck,
     ConditionError,
     best_point,
     cast_score,
@@ -25,6 +24,7 @@ from caa_local.core.condition import (
     last_user_span,
     make_condition,
 )
+from caa_local.core.gating import ConditionCheck
 from caa_local.core.condition_data import condition_names, load_condition_data, question_stem, split_prompts
 from caa_local.core.condition_fit import calibrate, fit
 from caa_local.core.errors import CaaError, DatasetError, ModelMismatchError

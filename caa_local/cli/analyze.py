@@ -209,7 +209,7 @@ def analyze_pca(dataset: str, layer_spec: str, out: Path, model_path: str | None
     Example:
         caa-local analyze pca --dataset sycophancy --layers 2,8,14,20 --out pca.png
     """
-    from caa_local.cli.extract import resolve_backend
+    from caa_local.cli.shared import resolve_backend
     from caa_local.eval.analyze import example_activations, pair_accuracy, pca_layers
     from caa_local.core.datasets import load_ab, split
     from caa_local.core.layers import parse_layer_spec

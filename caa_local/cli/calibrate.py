@@ -9,25 +9,10 @@ from typing import Any
 import click
 
 from caa_local.cli import chat_template_option, model_options, open_engine, warn
+from caa_local.cli.shared import target_path
 from caa_local.core.errors import CaaError
 
 METRICS = ("p_match", "sentiment", "formality", "enthusiasm", "length")
-
-
-def target_path(vector_path: Path, out: Path | None, force: bool, already: bool) -> Path:
-    """Where the calibrated file goes: --out, else the vector's own file (checked before any work).
-
-    Updating the file in place only adds metadata (the directions stay as they are); replacing
-    an earlier calibration, like overwriting another file, needs --force.
-    """
-    from caa_local.core.atomic import check_writable
-
-    if out is not None and out.resolve() != vector_path.resolve():
-        check_writable(out, force)
-        return out
-    if already and not force:
-        raise CaaError(f"{vector_path}: already calibrated (use --force to replace it, or --out FILE)")
-    return vector_path
 
 
 def calibration_settings(quick: bool, **options: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from caa_local.cli import warn
-from caa_local.cli.extract import BACKEND_HELP, resolve_backend
+from caa_local.cli.shared import BACKEND_HELP, resolve_backend, target_path
 from caa_local.core.errors import CaaError
 
 
@@ -134,13 +134,10 @@ def _torch_reads(model_ref: str | None, data: Any, layers_spec: str | None, batc
 
     try:
         from caa_local.torch.condition import prompt_reads
-        from caa_local.torch.hf import chat_template_of, load_hf
+        from caa_local.torch.hf import chat_template_of, load_hf, set_threads
     except ImportError as err:
         raise CaaError(f"--backend torch needs torch and transformers: pip install 'caa-local[extract]' ({err})") from None
-    if n_threads:
-        import torch
-
-        torch.set_num_threads(n_threads)
+    set_threads(n_threads)
     model, tokenizer, info = load_hf(model_ref, device=device, dtype="float32")
     layers = check_layers(parse_layer_spec(layers_spec, info.n_layer) if layers_spec
                           else candidate_layers(info.n_layer), info.n_layer)
@@ -160,7 +157,6 @@ def calibrate_condition(vector_path: Path, out: Path | None, force: bool, engine
                         json_path: Path | None = None) -> dict[str, Any]:
     """Calibrate a condition file on ``engine``'s model (CAST's grid search on its val prompts),
     write it, print the card; the summary back."""
-    from caa_local.cli.calibrate import target_path
     from caa_local.core.atomic import write_json
     from caa_local.core.condition import calibration_of, require_condition
     from caa_local.core.condition_data import load_condition_data

@@ -7,27 +7,8 @@ from pathlib import Path
 import click
 
 from caa_local.cli import chat_template_option, rpc_option
+from caa_local.cli.shared import BACKEND_HELP, resolve_backend
 from caa_local.core.errors import CaaError
-
-
-BACKEND_HELP = ("native: llama.cpp on the GGUF itself (no torch, quantized memory); torch: transformers, the "
-                "reference; auto: native for a GGUF (and the default model), torch for HF directories and hub ids.")
-
-
-def resolve_backend(backend: str, model_ref: str | None) -> str:
-    """'native' or 'torch' for --backend and --model; a clear error where they do not fit."""
-    if backend == "torch":
-        return "torch"
-    path = Path(model_ref).expanduser() if model_ref is not None else None
-    if path is not None and not path.is_file():
-        if backend == "auto" and (path.is_dir() or not model_ref.endswith(".gguf")):
-            return "torch"
-        if model_ref.endswith(".gguf") and not path.exists():
-            raise CaaError(f"{model_ref}: no such model file")
-        what = "a directory" if path.is_dir() else "not a file (a hub id?)"
-        raise CaaError(f"{model_ref}: --backend native needs a .gguf file, this is {what} "
-                       "(use --backend torch for Hugging Face models)")
-    return "native"
 
 
 def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> None:

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from caa_local.core.condition import Condition, ConditionCheck, make_check, make_condition
+from caa_local.core.condition import Condition, make_condition
+from caa_local.core.gating import ConditionCheck, make_check
 from caa_local.core.errors import CaaError, ModelLoadError, ModelMismatchError
 from caa_local.core.locate import resolve_gguf
 from caa_local.core.positions import check_positions
