@@ -10,16 +10,17 @@ from pathlib import Path
 
 import click
 
-from caa_local.cli import (any_arch_option, load_vector_specs, model_options, open_engine, rpc_endpoints, warn,
-                           warn_multipliers)
+from caa_local.cli import (any_arch_option, chat_template_option, load_vector_specs, model_options, open_engine,
+                           rpc_endpoints, warn, warn_multipliers)
 from caa_local.core.errors import CaaError
+from caa_local.core.positions import POSITIONS
 from caa_local.serve.config import LOOPBACK, host_name
 
-POSITIONS = ("response", "all")
 
 
 @click.command()
 @model_options
+@chat_template_option
 @click.option("host", "--host", default="127.0.0.1", show_default=True,
               help="Address to bind (anything but loopback should come with --api-key).")
 @click.option("port", "--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
@@ -61,8 +62,8 @@ POSITIONS = ("response", "all")
               help="Also listen on this port (e.g. 11434, Ollama's) for clients that assume it.")
 @click.option("open_browser", "--open", is_flag=True, help="Open the steering page in the default browser.")
 @any_arch_option
-def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, host: str, port: int,
-          slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
+def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
+          host: str, port: int, slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
           positions: str, api_key: str | None, max_body: int, max_queue: int, allow_origins: tuple[str, ...],
           allow_hosts: tuple[str, ...], max_connections: int, body_timeout: float, preset_flags: tuple[str, ...],
           presets_file: Path | None, ollama_port: int | None, open_browser: bool, any_arch: bool) -> None:
@@ -109,7 +110,7 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
         if not is_child():  # the model lives in a child this process restarts when a worker is lost
             sys.exit(supervise(rpc, host, port, sys.argv[1:], warn))
         guard = RpcLossGuard()
-    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers)
+    engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template)
 
     from caa_local.serve.config import ServeConfig
     from caa_local.serve.planning import Defaults

@@ -436,9 +436,15 @@ class Engine:
         apply only when one fires on the last user message (``result.conditions`` says).
         """
         tokens, steer_from = self.prompt(messages, suffix, positions)
-        waiting = self._steering.conditional
-        check = make_check(self.template, self.tokenize, messages, tokens, steer_from, waiting) if waiting else None
+        check = self.condition_check(messages, tokens, steer_from)
         return self.generate_tokens(tokens, steer_from, sampling, on_piece, should_stop, check)
+
+    def condition_check(self, messages: Sequence[Message], tokens: Sequence[int], steer_from: int,
+                        terms: Sequence[SteeringTerm] | None = None) -> ConditionCheck | None:
+        """What the terms with conditions (of ``terms``; default: the current steering) need to
+        decide on this prompt (its tokens from ``prompt(messages)``); None when no term waits."""
+        waiting = [t for t in (self._steering.terms if terms is None else terms) if t.conditions]
+        return make_check(self.template, self.tokenize, messages, tokens, steer_from, waiting) if waiting else None
 
     def generate_tokens(
         self,
@@ -453,6 +459,9 @@ class Engine:
         before ``steer_from`` are decoded unsteered, the rest with the current steering, plus
         the terms of ``check`` whose conditions fire on this prompt (for this answer only)."""
         if check is None:
+            if self._steering.conditional:
+                raise CaaError("the steering has terms with conditions: pass "
+                               "check=engine.condition_check(messages, tokens, steer_from)")
             return self._generate_tokens(tokens, steer_from, sampling, on_piece, should_stop)
         saved = self._steering
         try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from caa_local.core.condition import Condition
+from caa_local.core.gating import ConditionCheck
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers, parse_layer_spec
 from caa_local.core.steering import SteeringTerm, default_layers
@@ -40,6 +41,7 @@ class Plan:
     tokens: list[int]  # the rendered, tokenized prompt
     steer_from: int  # positions before this one are decoded unsteered
     stops: tuple[str, ...] = ()
+    check: ConditionCheck | None = None  # what the terms with conditions decide on (CAST)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ def plan(ask: Ask, engine: Engine, library: VectorLibrary, config: ServeConfig, 
         tokens, steer_from = engine.prompt(ask.messages, positions=positions)
     except CaaError as err:
         raise ApiError(f"messages: {err}", "invalid_request", "messages") from None
+    try:
+        check = engine.condition_check(ask.messages, tokens, steer_from, terms)
+    except CaaError as err:
+        raise ApiError(f"steering: {err}", "invalid_request", "steering", "invalid_condition") from None
     room = n_ctx - len(tokens)
     asked = ask.max_tokens
     if room < 1:
@@ -200,7 +206,7 @@ def plan(ask: Ask, engine: Engine, library: VectorLibrary, config: ServeConfig, 
         seed=secrets.randbits(32) if ask.seed is None else ask.seed,
         max_tokens=asked if asked is not None else min(config.default_max_tokens, room),
     )
-    return Plan(sampling, terms, positions, tokens, steer_from, tuple(ask.stops))
+    return Plan(sampling, terms, positions, tokens, steer_from, tuple(ask.stops), check)
 
 
 def plan_request(request: ChatCompletionRequest, engine: Engine, library: VectorLibrary, config: ServeConfig,

@@ -76,7 +76,7 @@ def run_plan(engine: Engine, plan: Plan, on_piece: Callable[[str], bool], should
              ) -> GenerationResult:
     """Generate on one slot's engine with the plan's steering (runs on the slot's thread)."""
     engine.set_steering(plan.terms)
-    return engine.generate_tokens(plan.tokens, plan.steer_from, plan.sampling, on_piece, should_stop)
+    return engine.generate_tokens(plan.tokens, plan.steer_from, plan.sampling, on_piece, should_stop, plan.check)
 
 
 class SlotPool:
