@@ -56,7 +56,7 @@ def test_when_applies_the_term_only_where_the_condition_fires(server: ServerProc
     # Inverted ("unless") and a list meaning OR, through the official client.
     client = server.client()
     reply = client.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": OTHER}], temperature=0, max_tokens=N,
+        model="default", messages=[{"role": "user", "content": OTHER}], temperature=0, max_tokens=N,
         extra_body={"steering": [{"vector": "sentiment", "scale": 2.0,
                                   "when": [{"condition": "work", "invert": True}, "work"]}]})
     checked = reply.model_extra["conditions"]
