@@ -61,6 +61,7 @@ nb::ndarray<nb::numpy, T> to_numpy(std::vector<T> && values, std::initializer_li
 } // namespace
 
 void bind_reader(nb::module_ & m); // reader_bindings.cpp
+void bind_batch(nb::module_ & m);  // batch_bindings.cpp
 
 NB_MODULE(_native, m) {
     m.doc() = "caa-local's llama.cpp engine: steered generation and batched scoring";
@@ -223,4 +224,5 @@ NB_MODULE(_native, m) {
              "Summed log-probabilities of the last n_scored tokens of each continuation, all decoded "
              "with the given steering (None: unsteered). Returns (n_questions, n_options).");
     bind_reader(m);
+    bind_batch(m);
 }

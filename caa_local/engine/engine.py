@@ -43,6 +43,7 @@ from caa_local.core.vector import ControlVector
 from caa_local.engine import _native
 
 if TYPE_CHECKING:
+    from caa_local.engine.batch import Batch
     from caa_local.engine.scoring import ABScores, Choice, Setting
 
 POSITIONS = ("response", "all")
@@ -123,6 +124,13 @@ class Model:
         """A new context (KV cache, steering, decode) on these weights; safe to use from
         another thread (the native decode loops release the GIL)."""
         return Engine(self, n_ctx, n_threads, n_batch=n_batch)
+
+    def batch(self, n_seq: int, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 512) -> Batch:
+        """A context holding ``n_seq`` sequences of ``n_ctx`` tokens each, decoded together
+        (continuous batching, a steering per sequence): see ``caa_local.engine.batch``."""
+        from caa_local.engine.batch import Batch
+
+        return Batch(self, n_seq, n_ctx, n_threads, n_batch)
 
     def meta(self, key: str) -> str:
         """The GGUF metadata value for ``key`` as a string, '' when absent."""
