@@ -45,6 +45,7 @@ class Config:
     extract_pairs: int = 16
     change_repeats: int = 20
     startup_runs: int = 5
+    batch_sequences: int = 8
 
     def quick(self) -> Config:
         return dataclasses.replace(self, repeats=min(self.repeats, 2), decode_tokens=32, torch_decode_tokens=8,
@@ -427,6 +428,12 @@ def _native_extract_groups(cfg: Config, rss_only: bool) -> dict[str, Any]:
             "facts": {"threads": engine.n_threads, "extract_pairs": len(items)}}
 
 
+def _batch_group(cfg: Config) -> dict[str, Any]:
+    from caa_local.bench.batch import batch_group
+
+    return batch_group(cfg)
+
+
 def _serve_group(cfg: Config) -> dict[str, Any]:
     from caa_local.bench.serve import serve_group
 
@@ -439,7 +446,7 @@ GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
-    "serve": _serve_group,
+    "serve": _serve_group, "batch": _batch_group,
 }
 
 
