@@ -6,6 +6,7 @@
   samplers; aggregate decode tokens/s, prompts prefilled untimed on both sides.
 - ``batch_steering_overhead``: one sequence steered through the per-row mechanism (directions
   added at the blocks' outputs in the graph callback) vs through llama.cpp's control vector.
+- ``calibrate_vs_before``: a whole calibration, the batched search vs the exhaustive walk.
 """
 
 from __future__ import annotations
@@ -168,12 +169,43 @@ def batch_group(cfg: Config) -> dict[str, Any]:
 
 
 
+def calibrate_group(cfg: Config) -> dict[str, Any]:
+    """calibrate_vs_before: the whole calibration of a shipped vector (layer, strength, card),
+    today's search with batched conversations vs the exhaustive walk one conversation at a time;
+    --quick sizes under --quick. One run each (a calibration takes minutes), walk first."""
+    from caa_local.core.locate import load_vector
+    from caa_local.engine.engine import Engine
+    from caa_local.eval.calibrate import QUICK, Settings, calibrate, load_data
+
+    engine = Engine(cfg.model, n_ctx=2048, n_threads=cfg.threads)
+    _, vector = load_vector(CALIBRATED)
+    sizes = QUICK if cfg.repeats <= 2 else {}
+    figures: dict[str, dict[str, list[float]]] = {"calibrate_vs_before": {"value": [], "baseline": []}}
+    picks: dict[str, tuple[Any, Any]] = {}
+    for strategy, key in (("walk", "baseline"), ("search", "value")):
+        settings = Settings(metric=CALIBRATED, strategy=strategy, **sizes)  # type: ignore[arg-type]
+        data = load_data(CALIBRATED, None, settings)
+        start = time.perf_counter()
+        summary = calibrate(engine, vector, data, settings)
+        figures["calibrate_vs_before"][key].append(1.0 / (time.perf_counter() - start))  # calibrations/s
+        picks[strategy] = (summary["layer"], summary["recommended_multiplier"])
+    return {"figures": figures,
+            "facts": {"threads": engine.n_threads, "calibrate_vector": CALIBRATED,
+                      "calibrate_walk": f"layer {picks['walk'][0]} x{picks['walk'][1]:+g}",
+                      "calibrate_search": f"layer {picks['search'][0]} x{picks['search'][1]:+g}"}}
+
+
+CALIBRATED = "sentiment"  # a shipped vector with a judge-free metric: layer probe + strength + card
+
+
 def main(argv: list[str]) -> None:
-    """``python -m caa_local.bench.batch [--quick]``: this group's figures as JSON."""
+    """``python -m caa_local.bench.batch [--quick] [--calibrate]``: the batch rows (or
+    calibrate_vs_before) as JSON."""
     cfg = Config(threads=0)
     if "--quick" in argv:
         cfg = cfg.quick()
-    print(json.dumps(batch_group(cfg), indent=1))
+    group = calibrate_group if "--calibrate" in argv else batch_group
+    print(json.dumps(group(cfg), indent=1))
 
 
 if __name__ == "__main__":

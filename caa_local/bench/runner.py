@@ -82,11 +82,20 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "tok/s", ">=", 1.2,
         "4 requests with 4 different steerings at once on a 2-slot server vs one after another on a 1-slot server"),
     "serve_first_token_ms": ("ms", None, None, "request sent to first streamed token, a ~50-token prompt"),
+    "serve_batch_mixed_vs_serial": (
+        "tok/s", ">=", 1.5,
+        "8 concurrent greedy requests with 8 different steerings (one none), {batch_tokens} tokens each, on a "
+        "--parallel 8 server (continuous batching) vs the same requests one after another"),
     "batch_vs_llama_cpp_batched": (
         "tok/s", ">=", 0.9,
         "{batch_sequences} sequences, each steered differently (per-row directions), {batch_tokens} greedy tokens "
         "each: aggregate decode tokens/s of Batch.run vs stock llama.cpp decoding {batch_sequences} unsteered "
         "sequences per llama_decode through its C API (same GGUF, one KV stream per sequence, threads)"),
+    "calibrate_vs_before": (
+        "calibrations/s", ">=", 3.0,
+        "`calibrate {calibrate_vector}` in-process (layer, strength, card): the search with batched "
+        "conversations (picked {calibrate_search}) vs the exhaustive walk one conversation at a time "
+        "(picked {calibrate_walk}); one run each, --quick sizes under --quick"),
     "batch_steering_overhead": (
         "tok/s", ">=", 0.97,
         "one steered sequence in a Batch: directions added per row at the blocks' outputs vs llama.cpp's "
@@ -141,7 +150,8 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
              ("rss_generate", "peak RSS of generation"), ("rss_extract", "peak RSS of extraction"),
              ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction"),
              ("serve", "the server: HTTP vs in-process decode, concurrent slots, first token"),
-             ("batch", "many steered sequences per decode vs stock llama.cpp's batching")]
+             ("batch", "many steered sequences per decode vs stock llama.cpp's batching"),
+             ("calibrate", "calibration: the batched search vs the walk")]
     for group, what in steps:
         echo(f"bench: {what} ...")
         result = run_worker(group, cfg)

@@ -434,6 +434,12 @@ def _batch_group(cfg: Config) -> dict[str, Any]:
     return batch_group(cfg)
 
 
+def _calibrate_group(cfg: Config) -> dict[str, Any]:
+    from caa_local.bench.batch import calibrate_group
+
+    return calibrate_group(cfg)
+
+
 def _serve_group(cfg: Config) -> dict[str, Any]:
     from caa_local.bench.serve import serve_group
 
@@ -446,7 +452,7 @@ GROUPS: dict[str, Callable[[Config], dict[str, Any]]] = {
     "rss_generate": _rss_generate_group, "rss_extract": _rss_extract_group,
     "native_extract": lambda cfg: _native_extract_groups(cfg, False),
     "rss_extract_native": lambda cfg: _native_extract_groups(cfg, True),
-    "serve": _serve_group, "batch": _batch_group,
+    "serve": _serve_group, "batch": _batch_group, "calibrate": _calibrate_group,
 }
 
 
