@@ -259,17 +259,26 @@ def test_stop_strings_end_an_answer_before_them(model: Model, engine: Engine,
     assert cut.text == full.text[: full.text.index(stop)]
 
 
-def test_a_follow_up_reuses_the_cached_conversation(model: Model, engine: Engine,
-                                                    solo: Callable[[Conversation], Decoded], tolerance: float) -> None:
-    batch = model.batch(n_seq=2, n_ctx=512, n_threads=2)
-    messages = [{"role": "user", "content": PROMPTS[2]}]
-    first = batch.run([conversation(engine, PROMPTS[2])])[0]
-    messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Why?"}]
-    tokens, steer_from = engine.prompt(messages)
-    follow_up = Conversation(tokens, steer_from, (), GREEDY)
-    again = batch.run_logits([follow_up])[0]
-    assert again[0].n_reused_tokens > len(tokens) // 2
-    compare(solo(follow_up), again, tolerance)
+def test_a_follow_up_reuses_the_cached_conversation(model: Model, engine: Engine, mixed: list[Conversation],
+                                                    tolerance: float) -> None:
+    """A second turn reuses the first turn's KV in a mixed batch as it does alone. (Against a
+    fresh decode the logits move: llama.cpp's results depend on where a prompt's llama_decode
+    calls split it, by up to 0.72 in a logit on the default model here, reuse or not.)"""
+    def two_turns(batch_size: int) -> tuple[Decoded, Decoded]:
+        batch = model.batch(n_seq=batch_size, n_ctx=512, n_threads=2)
+        first = batch.run_logits([mixed[2], *mixed[3:3 + batch_size - 1]])[0]
+        messages = [{"role": "user", "content": PROMPTS[2]}, {"role": "assistant", "content": first[0].text},
+                    {"role": "user", "content": "Why?"}]
+        tokens, steer_from = engine.prompt(messages)
+        follow_up = Conversation(tokens, steer_from, mixed[2].terms, GREEDY)
+        again = batch.run_logits([follow_up, *mixed[:batch_size - 1]])[0]
+        assert again[0].n_reused_tokens > len(tokens) // 2
+        return first, again
+
+    (first_alone, again_alone), (first_mixed, again_mixed) = two_turns(1), two_turns(2)
+    compare(first_alone, first_mixed, tolerance)
+    if first_alone[0].tokens == first_mixed[0].tokens:  # else a near-tie gave two other histories
+        compare(again_alone, again_mixed, tolerance)
 
 
 def test_bad_requests_get_one_clear_error(model: Model, engine: Engine) -> None:
