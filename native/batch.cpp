@@ -199,11 +199,7 @@ void Batch::cancel(int64_t id) {
 }
 
 size_t Batch::n_live() const {
-    size_t n = 0;
-    for (const Sequence & s : seqs_) {
-        n += s.live ? 1 : 0;
-    }
-    return n;
+    return n_live_.load();
 }
 
 size_t Batch::n_waiting() const {
@@ -310,6 +306,7 @@ void Batch::admit(std::vector<BatchEvent> & events) {
             }
         }
         seqs_[best].live = std::move(live);
+        ++n_live_;
         prefill(best, events);
     }
 }
@@ -406,6 +403,7 @@ bool Batch::sample(uint32_t seq, int32_t idx, std::vector<BatchEvent> & events) 
 
 void Batch::finish(uint32_t seq, const std::string & reason, std::vector<BatchEvent> & events) {
     std::unique_ptr<Live> live = std::move(seqs_[seq].live);
+    --n_live_;
     BatchEvent e;
     e.id = live->id;
     // What is left: a partial character (sent as is) and text held back by the stop strings.
@@ -494,6 +492,7 @@ void Batch::drop(const std::vector<int64_t> & ids) {
     for (Sequence & s : seqs_) {
         if (s.live && listed(s.live->id)) {
             s.live.reset();
+            --n_live_;
         }
     }
 }

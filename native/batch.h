@@ -8,6 +8,7 @@
 
 #include "session.h"
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -130,6 +131,7 @@ class Batch {
     std::unique_ptr<BatchPtr> batch_;
     int64_t decodes_cvec_ = 0;
     int64_t decodes_rows_ = 0;
+    std::atomic<size_t> n_live_{0}; // read from other threads (a server's event loop)
 
     mutable std::mutex mutex_; // guards the fields below (submit/cancel come from other threads)
     std::deque<std::pair<int64_t, BatchRequest>> waiting_;

@@ -15,7 +15,7 @@ from caa_local.cli import main
 SLOW_MODULES = frozenset({
     "test_batch", "test_bench", "test_calibrate", "test_chat", "test_cli_errors", "test_cli_eval", "test_engine",
     "test_evaluate", "test_extract", "test_extract_native", "test_interrupts", "test_metrics",
-    "test_native", "test_page", "test_paper", "test_parity", "test_serve",
+    "test_native", "test_page", "test_paper", "test_parity", "test_serve", "test_serve_batching",
 })
 
 

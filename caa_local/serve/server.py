@@ -16,6 +16,7 @@ from caa_local.engine.engine import Engine
 from caa_local.serve.config import ServeConfig
 from caa_local.serve.library import VectorLibrary
 from caa_local.serve.planning import Defaults
+from caa_local.serve.batching import BatchPool
 from caa_local.serve.slots import SlotPool
 
 
@@ -31,8 +32,11 @@ def build(config: ServeConfig, engine: Engine, defaults: Defaults) -> tuple[Any,
     from caa_local.serve.app import create_app
 
     library = VectorLibrary.load(config.vectors_dirs, engine.n_embd, engine.n_layer, engine.architecture)
-    engines = [engine, *(engine.new_context() for _ in range(config.slots - 1))]
-    pool = SlotPool(engines, max_queue=config.max_queue)
+    if config.parallel:
+        pool: SlotPool | BatchPool = BatchPool(engine, config.parallel, max_queue=config.max_queue)
+    else:
+        engines = [engine, *(engine.new_context() for _ in range(config.slots - 1))]
+        pool = SlotPool(engines, max_queue=config.max_queue)
     return create_app(config, engine, pool, library, defaults), pool, library
 
 
