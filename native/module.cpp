@@ -57,6 +57,7 @@ caa::Steering to_steering(const caa::Model & m, FloatMatrix buf, int32_t il_star
 void bind_reader(nb::module_ & m);    // reader_bindings.cpp
 void bind_rpc(nb::module_ & m);       // rpc_bindings.cpp
 void bind_condition(nb::module_ & m); // condition_bindings.cpp
+void bind_batch(nb::module_ & m);     // batch_bindings.cpp
 
 NB_MODULE(_native, m) {
     m.doc() = "caa-local's llama.cpp engine: steered generation and batched scoring";
@@ -225,4 +226,5 @@ NB_MODULE(_native, m) {
     bind_reader(m);
     bind_rpc(m);
     bind_condition(m);
+    bind_batch(m);
 }

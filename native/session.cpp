@@ -240,8 +240,6 @@ bool Session::decode(const std::vector<llama_token> & tokens, bool steered, cons
     return true;
 }
 
-namespace {
-
 SamplerPtr make_sampler(const SamplingParams & p, int32_t n_vocab) {
     auto chain_params = llama_sampler_chain_default_params();
     chain_params.no_perf = true;
@@ -282,8 +280,6 @@ size_t utf8_complete_prefix(const std::string & s) {
     }
     return s.size();
 }
-
-} // namespace
 
 GenerateResult Session::generate(int32_t max_tokens, const SamplingParams & params, const TokenCallback & on_token) {
     if (tokens_.empty()) {

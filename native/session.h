@@ -107,6 +107,12 @@ int32_t pick_threads(int32_t n_threads);
 // Throws std::invalid_argument unless `steering` is empty or fits the model exactly.
 void validate_steering(const Steering & steering, int32_t n_layer, int32_t n_embd);
 
+// A sampler chain for `p` (greedy when temperature <= 0).
+SamplerPtr make_sampler(const SamplingParams & p, int32_t n_vocab);
+
+// Length of the longest prefix of `s` that is complete UTF-8 (a token may end mid-character).
+size_t utf8_complete_prefix(const std::string & s);
+
 // Applies `steering` (or clears it) on `ctx`; throws with llama.cpp's code on failure.
 void apply_steering(llama_context * ctx, const Steering & steering, int32_t n_embd);
 

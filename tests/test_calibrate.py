@@ -216,3 +216,41 @@ def test_calibrate_refuses_bad_input_before_loading_a_model(capsys: pytest.Captu
     for args, message in cases:
         code, _, err = run_cli(capsys, *args)
         assert code != 0 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_certain_failure_only_when_no_remaining_turn_can_rescue() -> None:
+    guard, base = Guard(), {"perplexity": 10.0, "broken": 0.0, "repetition": 0.1}
+    assert not guard.certain_failure([12.0], [False], [0.1], 6, base)
+    assert guard.certain_failure([12.0], [True], [0.1], 6, base)  # a broken turn: the share can only stay > 0
+    assert guard.certain_failure([12.0, 11.0], [False, False], [0.9, 0.9], 6, base)  # 1.8 / 6 > 0.1 + 0.1
+    assert not guard.certain_failure([25.0, 30.0, 12.0], [False] * 3, [0.1] * 3, 6, base)  # 2 of 6 above x2
+    assert guard.certain_failure([25.0, 30.0, 40.0, 21.0], [False] * 4, [0.1] * 4, 6, base)  # 4 of 6: the median too
+
+
+def test_search_finds_the_walks_limits_within_one_grid_step() -> None:
+    """On a shipped vector with --quick sizes: the batched search against the exhaustive walk."""
+    import dataclasses
+
+    from caa_local.chat.repl import CHAT_SAMPLING
+    from caa_local.core.locate import load_vector
+    from caa_local.engine.engine import Engine
+    from caa_local.eval.calibrate import DEFAULT_MULTIPLIERS, QUICK
+    from caa_local.eval.coherence import GENERIC_PROMPTS, strength_curve, strength_walk
+
+    engine = Engine(n_ctx=1024, n_threads=2)
+    _, vector = load_vector("sentiment")
+    layer = vector.recommended_layer() or vector.layers[0]
+    conversations = build_conversations(GENERIC_PROMPTS, QUICK["conversations"], QUICK["turns"])
+    sampling = dataclasses.replace(CHAT_SAMPLING, max_tokens=QUICK["max_tokens"])
+    grid = (*(-m for m in DEFAULT_MULTIPLIERS), *DEFAULT_MULTIPLIERS)
+    log: list[str] = []
+    walk = strength_walk(engine, vector, layer, conversations, grid, Guard(), "sentiment", sampling)
+    search = strength_curve(engine, vector, layer, conversations, grid, Guard(), "sentiment", sampling,
+                            log=log.append)
+    for side, walked, searched in zip((1, -1), limits(walk), limits(search)):
+        ordered = sorted((m for m in grid if m * side > 0), key=abs)
+        index = {None: -1, **{m: i for i, m in enumerate(ordered)}}
+        assert abs(index[walked] - index[searched]) <= 1, (side, walked, searched, log)
+    assert all(p["passed"] == (not p["failures"]) for p in search)
+    print(f"walk: {len(walk)} settings, search: {len(search)} settings "
+          f"({sum(1 for p in search if p.get('stopped_early'))} stopped early); limits {limits(walk)} vs {limits(search)}")

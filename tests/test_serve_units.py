@@ -204,7 +204,7 @@ def test_max_queue_zero_serves_when_a_slot_is_free_and_refuses_when_none_is() ->
         running = asyncio.create_task(collect(pool, "a"))
         await asyncio.sleep(0.05)
         with pytest.raises(QueueFullError, match="--max-queue is 0"):
-            pool.reserve([1])
+            pool.reserve(plan_of("x"))
         gate.gates["a"].set()
         assert (await running).text == "a"
         gate.gates["b"] = threading.Event()
@@ -219,8 +219,8 @@ def test_a_place_no_stream_took_over_is_given_back() -> None:
     async def main() -> None:
         gate = Gate()
         pool = SlotPool([object()], runner=gate)  # type: ignore[list-item]
-        held = pool.reserve([1])
-        queued = pool.reserve([1])
+        held = pool.reserve(plan_of("x"))
+        queued = pool.reserve(plan_of("y"))
         assert pool.idle == 0 and pool.waiting == 1
         pool.abandon(queued)
         assert pool.waiting == 0

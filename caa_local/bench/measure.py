@@ -31,6 +31,7 @@ class Config:
     change_repeats: int = 20
     startup_runs: int = 5
     rpc: str | None = None  # host:port of an RPC worker, for the rpc group
+    batch_sequences: int = 8
 
     def quick(self) -> Config:
         return dataclasses.replace(self, repeats=min(self.repeats, 2), decode_tokens=32, torch_decode_tokens=8,

@@ -93,6 +93,24 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "s", "<=", 1.03,
         "prefill + 1 token of a {condition_prompt_tokens}-token work prompt: sentiment gated on the `work` "
         "condition (read from the same decode) vs sentiment applied plainly; ratio of times"),
+    "serve_batch_mixed_vs_serial": (
+        "tok/s", ">=", 1.5,
+        "8 concurrent greedy requests with 8 different steerings (one none), {batch_tokens} tokens each, on a "
+        "--parallel 8 server (continuous batching) vs the same requests one after another"),
+    "batch_vs_llama_cpp_batched": (
+        "tok/s", ">=", 0.9,
+        "{batch_sequences} sequences, each steered differently (per-row directions), {batch_tokens} greedy tokens "
+        "each: aggregate decode tokens/s of Batch.run vs stock llama.cpp decoding {batch_sequences} unsteered "
+        "sequences per llama_decode through its C API (same GGUF, one KV stream per sequence, threads)"),
+    "calibrate_vs_before": (
+        "calibrations/s", ">=", 3.0,
+        "`calibrate {calibrate_vector}` in-process (layer, strength, card): the search with batched "
+        "conversations (picked {calibrate_search}) vs the exhaustive walk one conversation at a time "
+        "(picked {calibrate_walk}); one run each, --quick sizes under --quick"),
+    "batch_steering_overhead": (
+        "tok/s", ">=", 0.97,
+        "one steered sequence in a Batch: directions added per row at the blocks' outputs vs llama.cpp's "
+        "control vector"),
 }
 REQUIRED = tuple(name for name in SPECS if name != "ab_sweep_reuse_vs_batched_redecode")
 WORKER_TIMEOUT_S = 1800
@@ -144,6 +162,8 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
              ("native_extract", "extraction native vs torch"), ("rss_extract_native", "peak RSS of native extraction"),
              ("serve", "the server: HTTP vs in-process decode, concurrent slots, first token"),
              ("condition", "prefill with a condition vs without"),
+             ("batch", "many steered sequences per decode vs stock llama.cpp's batching"),
+             ("calibrate", "calibration: the batched search vs the walk"),
              ("rpc", "decode with every layer on a loopback RPC worker")]
     for group, what in steps:
         echo(f"bench: {what} ...")

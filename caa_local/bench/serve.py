@@ -9,6 +9,9 @@ as caa_local.bench.tasks groups do; ``python -m caa_local.bench.serve [--quick]`
   to a 2-slot server vs the same 4 one after another to a 1-slot server (each with its default
   threads: all cores for 1 slot, half each for 2).
 - serve_first_token_ms: request sent -> first streamed token, for a ~50-token user prompt.
+- serve_batch_mixed_vs_serial: total tokens/s of 8 greedy requests with 8 different steerings (one
+  of them none) sent at once to a `--parallel 8` server (one batch: continuous batching) vs the
+  same 8 one after another to the same server.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from caa_local.serve.testing import ServerProcess
 
 STEERINGS = [[{"vector": "sentiment", "scale": 2}], [{"vector": "sentiment", "scale": -2}],
              [{"vector": "formality", "scale": 2}], [{"vector": "enthusiasm", "scale": 2}]]
+# Eight different steerings, one of them none: serve_batch_mixed_vs_serial.
+MIXED = [*STEERINGS, [], [{"vector": "sentiment", "scale": 1}], [{"vector": "formality", "scale": -2}],
+         [{"vector": "sentiment", "scale": -1}, {"vector": "formality", "scale": 1}]]
 FIFTY = ("I am planning a short trip to the mountains next month with two friends who have never hiked "
          "before, and I would like some advice on what we should pack, how far we should walk each day, "
          "and what to do if the weather turns bad.")
@@ -117,6 +123,27 @@ def serve_group(cfg: Config) -> dict[str, Any]:
                                              lambda: batch(one.port, False))
             figures["serve_concurrent_vs_serial"] = {"value": concurrent, "baseline": serial}
             _note(figures, "serve_concurrent_vs_serial")
+    with ServerProcess("--parallel", str(len(MIXED)), "--threads", str(cfg.threads), *ctx, *model) as batched:
+        def mixed(concurrent: bool) -> float:
+            totals = [0] * len(MIXED)
+
+            def one_request(i: int) -> None:
+                totals[i] = stream_times(batched.port, greedy(story, cfg.decode_tokens, MIXED[i]))[2]
+            start = time.perf_counter()
+            if concurrent:
+                threads = [threading.Thread(target=one_request, args=(i,)) for i in range(len(MIXED))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            else:
+                for i in range(len(MIXED)):
+                    one_request(i)
+            return sum(totals) / (time.perf_counter() - start)
+
+        together, one_by_one = interleaved(max(1, cfg.repeats // 2), lambda: mixed(True), lambda: mixed(False))
+        figures["serve_batch_mixed_vs_serial"] = {"value": together, "baseline": one_by_one}
+        _note(figures, "serve_batch_mixed_vs_serial")
     return {"figures": figures, "facts": {}}
 
 

@@ -66,6 +66,9 @@ def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: An
               help="MMLU questions for the card's capability line (default 40; 0: none).")
 @click.option("seed", "--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default 0).")
 @click.option("quick", "--quick", is_flag=True, help="Small data everywhere: a rough calibration in a few minutes.")
+@click.option("strategy", "--strategy", type=click.Choice(("search", "walk")), default=None,
+              help="How the strength is found: search (default: coarse steps then bisection, conversations "
+                   "batched) or walk (every multiplier outwards, one conversation at a time: the slow reference).")
 @click.option("out", "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the calibrated vector here (default: update VECTOR's own file).")
 @click.option("json_path", "--json", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -74,8 +77,8 @@ def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: An
 def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int,
               chat_template: str | None, dataset: str | None, layers: str | None, multipliers: str | None, metric: str | None,
               conversations: int | None, turns: int | None, max_tokens: int | None, val_limit: int | None,
-              mmlu_limit: int | None, seed: int | None, quick: bool, out: Path | None, json_path: Path | None,
-              force: bool) -> None:
+              mmlu_limit: int | None, seed: int | None, quick: bool, strategy: str | None, out: Path | None,
+              json_path: Path | None, force: bool) -> None:
     """Find VECTOR's layer and the strongest multipliers that keep a chat coherent; store them in the file.
 
     For a condition vector (`caa-local condition extract`): the layer, threshold and comparison
@@ -119,7 +122,7 @@ def calibrate(vector_ref: str, model_path: Path | None, n_ctx: int, n_threads: i
     settings = calibration_settings(quick, metric=metric, multipliers=mults,
                                     layers=parse_layer_spec(layers) if layers else None,
                                     conversations=conversations, turns=turns, max_tokens=max_tokens,
-                                    val_limit=val_limit, mmlu_limit=mmlu_limit, seed=seed)
+                                    val_limit=val_limit, mmlu_limit=mmlu_limit, seed=seed, strategy=strategy)
     data = load_data(behavior, dataset, settings)
     engine = open_engine(model_path, n_ctx, n_threads, n_gpu_layers, chat_template)
     if settings.layers:

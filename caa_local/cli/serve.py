@@ -27,6 +27,9 @@ from caa_local.serve.config import LOOPBACK, host_name
               help="Port to listen on (0: any free port).")
 @click.option("slots", "--slots", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Requests answered at once: one llama.cpp context each, sharing one loaded model.")
+@click.option("parallel", "--parallel", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Answer up to N requests as N sequences of one llama.cpp context, every one's next token "
+                   "in one decode, each steered its own way (continuous batching; replaces --slots).")
 @click.option("vectors_dirs", "--vectors-dir", multiple=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Directory of vector files requests may name (the shipped vectors always are); repeatable.")
@@ -63,7 +66,7 @@ from caa_local.serve.config import LOOPBACK, host_name
 @click.option("open_browser", "--open", is_flag=True, help="Open the steering page in the default browser.")
 @any_arch_option
 def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int, chat_template: str | None,
-          host: str, port: int, slots: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
+          host: str, port: int, slots: int, parallel: int, vectors_dirs: tuple[Path, ...], vectors: tuple[str, ...], layers: str | None,
           positions: str, api_key: str | None, max_body: int, max_queue: int, allow_origins: tuple[str, ...],
           allow_hosts: tuple[str, ...], max_connections: int, body_timeout: float, preset_flags: tuple[str, ...],
           presets_file: Path | None, ollama_port: int | None, open_browser: bool, any_arch: bool) -> None:
@@ -75,7 +78,7 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
 
     \b
     Example:
-      caa-local serve --slots 2 --vector sentiment:2 --open
+      caa-local serve --parallel 8 --vector sentiment:2 --open
       curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\
         -d '{"messages": [{"role": "user", "content": "Hi"}], "steering": [{"vector": "sentiment", "scale": -2}]}'
     """
@@ -101,6 +104,8 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
     origins = tuple(check_origin(o) for o in allow_origins)
     if host not in LOOPBACK and not api_key:
         warn(f"Warning: serving on {host} with no --api-key: anyone who reaches this address can use the model")
+    if parallel and slots > 1:
+        raise CaaError("--parallel and --slots are two ways to answer requests at once: use one")
     if n_threads == 0 and slots > 1:  # slots decode at once: share the cores rather than oversubscribe
         n_threads = max(1, (os.cpu_count() or 1) // slots)
     guard = None
@@ -118,7 +123,7 @@ def serve(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
 
     layer_list = parse_layer_spec(layers, engine.n_layer) if layers else None
     defaults = Defaults(default_terms(engine, loaded, layer_list, any_arch=any_arch), positions)
-    config = ServeConfig(host=host, port=port, slots=slots, api_key=api_key, vectors_dirs=vectors_dirs,
+    config = ServeConfig(host=host, port=port, slots=slots, parallel=parallel, api_key=api_key, vectors_dirs=vectors_dirs,
                          positions=positions, max_body_bytes=max_body, max_queue=max_queue,
                          allow_origins=origins, allow_hosts=tuple(host_name(h) for h in allow_hosts),
                          max_connections=max_connections, body_timeout=body_timeout,

@@ -5,10 +5,13 @@
    shortlists ``candidates`` layers, then greedy open-ended answers (``open_ended``) at
    -probe / +probe pick the layer whose metric moves most without degenerate answers.
 2. **Strength.** ``caa_local.eval.coherence``: multi-turn conversations on held-out prompts
-   with the chat's own sampling, at multiplier 0 and then outwards on each side until the
-   guard fails (perplexity under the unsteered model, broken turns, repetition). The
-   recommended multiplier is the largest positive one that passes; the negative limit the
-   largest-magnitude negative one.
+   with the chat's own sampling, at multiplier 0 and then a search along each side's grid
+   (coarse steps, then bisection; every round's conversations decoded together in one batch,
+   a multiplier dropped once its failure is certain) for the first failure of the guard
+   (perplexity under the unsteered model, broken turns, repetition). The recommended
+   multiplier is the largest positive one that passes; the negative limit the
+   largest-magnitude negative one. ``strategy="walk"`` runs the exhaustive walk instead (every
+   multiplier outwards until the first failure, one conversation at a time).
 3. **Card.** At the recommended setting: p(match) on the test split, the anti-steerable
    fraction, the system-prompt baseline (the paper's pos/neg prompts, no vector) and the
    MMLU change.
@@ -34,9 +37,10 @@ from caa_local.core.layers import check_vector_layers
 from caa_local.core.vector import CALIBRATION_KEYS, ControlVector
 from caa_local.eval import metrics as M
 from caa_local.eval.coherence import (GENERIC_PROMPTS, JUDGE_FREE, Guard, Log, build_conversations, limits,
-                                      strength_curve)
+                                      strength_curve, strength_walk)
 
 FORMAT_VERSION = 1
+STRATEGIES = ("search", "walk")
 DEFAULT_MULTIPLIERS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
 
 
@@ -58,8 +62,11 @@ class Settings:
     mmlu_limit: int = 40                         # 0: no MMLU line on the card
     seed: int = 0
     guard: Guard = field(default_factory=Guard)
+    strategy: str = "search"                     # or "walk": the exhaustive reference, unbatched
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise CaaError(f"unknown strategy {self.strategy!r}: expected {' or '.join(STRATEGIES)}")
         if self.metric != "p_match" and self.metric not in JUDGE_FREE:
             raise CaaError(f"unknown metric {self.metric!r}: expected p_match or one of {', '.join(JUDGE_FREE)}")
         for name in ("val_limit", "candidates", "layer_prompts", "conversations", "turns", "max_tokens"):
@@ -137,7 +144,8 @@ def metric_layer_effects(engine: Any, vector: ControlVector, layers: Sequence[in
     out = {}
     for layer in layers:
         rows = open_ended(engine, vector, layer, [-settings.probe, settings.probe], list(prompts),
-                          max_tokens=settings.max_tokens, seed=settings.seed, force=any_arch)
+                          max_tokens=settings.max_tokens, seed=settings.seed, force=any_arch,
+                          batched=settings.strategy == "search")
         side = {m: [r["answer"] for r in rows if r["multiplier"] == m] for m in (-settings.probe, settings.probe)}
         if any(np.mean([M.degenerate(a) for a in answers]) > 0.2 for answers in side.values()):
             out[layer] = -math.inf
@@ -253,8 +261,9 @@ def calibrate(engine: Any, vector: ControlVector, data: Data, settings: Settings
     layer, layer_choice = choose_layer(engine, vector, data, probe_prompts, settings, log, any_arch)
     log(f"layer {layer}; strength: {len(conversations)} conversations x {settings.turns} turns per multiplier")
     sampling = dataclasses.replace(CHAT_SAMPLING, max_tokens=settings.max_tokens)
-    curve = strength_curve(engine, vector, layer, conversations, settings.multipliers, settings.guard,
-                           settings.metric, sampling, settings.seed, log)
+    find = strength_curve if settings.strategy == "search" else strength_walk
+    curve = find(engine, vector, layer, conversations, settings.multipliers, settings.guard,
+                 settings.metric, sampling, settings.seed, log)
     if data.val and settings.metric == "p_match":
         from caa_local.eval.ab import ab_sweep
 

@@ -7,6 +7,14 @@ prompts and seeds: the median perplexity of the answers under the *unsteered* mo
 gibberish is improbable to it), the share of broken turns (loops and runs, or a perplexity
 far above the unsteered answers': hashtag spam and word salad do not loop) and 4-gram
 repetition. A side's limit is its largest multiplier that passes before the first failure.
+
+``strength_curve`` finds that limit by a search: coarse steps outwards along the grid, then
+bisection between the last pass and the first failure, both sides in the same rounds; every
+round's conversations (all its multipliers, turn by turn) decode together in one
+``caa_local.engine.batch.Batch``, and a multiplier stops early once its failure is certain.
+``strength_walk`` is the exhaustive walk it replaces (one conversation at a time, every
+multiplier outwards until the first failure), kept as the reference the search is checked
+against.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import numpy as np
 from caa_local.core.errors import CaaError
 from caa_local.core.templates import Message
 from caa_local.core.vector import ControlVector
+from caa_local.engine.batch import Batch, Conversation
 from caa_local.engine.engine import CHAT_SAMPLING
 from caa_local.engine.scoring import perplexity
 from caa_local.eval import metrics as M
@@ -58,6 +67,18 @@ class Guard:
     broken_perplexity_ratio: float = 6.0  # one turn this far above multiplier 0's median is broken
     max_broken: float = 0.0             # share of broken turns allowed above multiplier 0's
     max_repetition_increase: float = 0.1  # mean 4-gram repetition above multiplier 0's
+
+    def certain_failure(self, ppl: Sequence[float], broken: Sequence[bool], repetition: Sequence[float],
+                        n_total: int, base: dict[str, Any]) -> bool:
+        """Whether the turns answered so far fail the guard whatever the remaining turns of
+        ``n_total`` give: enough broken turns, enough repetition (neither can go down), or
+        more than half of all turns above the perplexity limit (the median then is too)."""
+        if sum(broken) / n_total > base["broken"] + self.max_broken + 1e-9:
+            return True
+        if sum(repetition) / n_total > base["repetition"] + self.max_repetition_increase:
+            return True
+        above = sum(1 for p in ppl if math.isfinite(p) and p > self.max_perplexity_ratio * base["perplexity"])
+        return above >= n_total // 2 + 1
 
     def failures(self, point: dict[str, Any], base: dict[str, Any]) -> list[str]:
         """Why ``point`` fails against ``base`` (empty: it passes)."""
@@ -103,7 +124,10 @@ def guard_point(engine: Any, rows: Sequence[dict[str, Any]], metric: str,
                 base: dict[str, Any] | None, guard: Guard) -> dict[str, Any]:
     """The guard's figures for one multiplier's conversations (``base``: multiplier 0's)."""
     answers = [r["answer"] for r in rows]
-    ppl = np.asarray(perplexity(engine, [r["messages"] for r in rows], answers), dtype=float)
+    if all("perplexity" in r for r in rows):  # measured as the turns came (strength_curve)
+        ppl = np.asarray([r["perplexity"] for r in rows], dtype=float)
+    else:
+        ppl = np.asarray(perplexity(engine, [r["messages"] for r in rows], answers), dtype=float)
     finite = ppl[np.isfinite(ppl)]
     median = float(np.median(finite)) if finite.size else math.inf
     ref = base["perplexity"] if base else median
@@ -123,10 +147,11 @@ def guard_point(engine: Any, rows: Sequence[dict[str, Any]], metric: str,
 
 
 # -- strength ---------------------------------------------------------------------------------
-def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations: Sequence[Sequence[str]],
-                   multipliers: Sequence[float], guard: Guard, metric: str = "", sampling: Any = None,
-                   seed: int = 0, log: Log | None = None) -> list[dict[str, Any]]:
-    """Guard figures at 0, then outwards on each side until its first failure; sorted by multiplier.
+def strength_walk(engine: Any, vector: ControlVector, layer: int, conversations: Sequence[Sequence[str]],
+                  multipliers: Sequence[float], guard: Guard, metric: str = "", sampling: Any = None,
+                  seed: int = 0, log: Log | None = None) -> list[dict[str, Any]]:
+    """The exhaustive walk: guard figures at 0, then every multiplier outwards on each side
+    until its first failure, one conversation at a time; sorted by multiplier.
 
     ``sampling`` defaults to the chat's (``CHAT_SAMPLING``); each turn gets its own seed, the
     same at every multiplier, so the multipliers are compared on paired samples.
@@ -154,6 +179,119 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
             if not point["passed"]:
                 break
     return sorted(curve, key=lambda p: p["multiplier"])
+
+
+# Coarse steps of the search: every STRIDE-th multiplier of a side's grid until one fails.
+STRIDE = 2
+
+
+def converse_batched(engine: Any, batch: Any, settings: Sequence[Sequence[Any]],
+                     conversations: Sequence[Sequence[str]], sampling: Any, seed: int,
+                     keep_going: Callable[[int, list[dict[str, Any]]], bool] | None = None
+                     ) -> list[list[dict[str, Any]]]:
+    """``converse`` for several settings (term lists; empty: unsteered) at once: each turn of
+    every conversation of every setting still going decodes in one ``batch.run``; each row
+    gets the answer's perplexity under the unsteered model. After each turn
+    ``keep_going(setting, rows so far)`` may drop a setting (its rows stay as they are)."""
+    rows: list[list[dict[str, Any]]] = [[] for _ in settings]
+    history: list[list[list[Message]]] = [[[] for _ in conversations] for _ in settings]
+    active = list(range(len(settings)))
+    for t in range(max((len(c) for c in conversations), default=0)):
+        items, where = [], []
+        for s in active:
+            for c, turns in enumerate(conversations):
+                if t >= len(turns):
+                    continue
+                history[s][c].append({"role": "user", "content": turns[t]})
+                tokens, steer_from = engine.prompt(history[s][c])
+                turn_sampling = dataclasses.replace(sampling, seed=(seed + 1009 * c + t) & 0xFFFFFFFF)
+                items.append(Conversation(tokens, steer_from, tuple(settings[s]), turn_sampling))
+                where.append((s, c))
+        if not items:
+            break
+        answers = [r.text for r in batch.run(items)]
+        ppl = perplexity(engine, [history[s][c] for s, c in where], answers)
+        for (s, c), answer, p in zip(where, answers, ppl):
+            rows[s].append({"conversation": c, "turn": t, "messages": list(history[s][c]), "answer": answer,
+                            "perplexity": float(p)})
+            history[s][c].append({"role": "assistant", "content": answer})
+        if keep_going is not None:
+            active = [s for s in active if keep_going(s, rows[s])]
+    return rows
+
+
+def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations: Sequence[Sequence[str]],
+                   multipliers: Sequence[float], guard: Guard, metric: str = "", sampling: Any = None,
+                   seed: int = 0, log: Log | None = None, n_seq: int = 0) -> list[dict[str, Any]]:
+    """Guard figures at 0, then a search for each side's limit (the walk's answer where pass and
+    fail are monotone along the grid); sorted by multiplier. A point that stopped early (its
+    failure certain before its last turn) has ``"stopped_early": True`` and figures over the
+    turns it answered. ``n_seq``: sequences decoded together (0: one per conversation, at most 16).
+
+    ``sampling`` defaults to the chat's (``CHAT_SAMPLING``); each turn gets its own seed, the
+    same at every multiplier, so the multipliers are compared on paired samples.
+    """
+    from caa_local.chat.repl import CHAT_SAMPLING
+
+    sampling = sampling or CHAT_SAMPLING
+    n_turns = sum(len(c) for c in conversations)
+    batch = _conversation_batch(engine, conversations, sampling.max_tokens, n_seq)
+
+    def measure(mults: Sequence[float], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+        settings = [[engine.make_term("calibrate", vector, m, [layer])] if m else [] for m in mults]
+
+        def keep_going(s: int, rows: list[dict[str, Any]]) -> bool:
+            return base is None or not guard.certain_failure(
+                [r["perplexity"] for r in rows], [_broken(r, base, guard) for r in rows],
+                [M.repetition(r["answer"]) for r in rows], n_turns, base)
+
+        points = []
+        for mult, rows in zip(mults, converse_batched(engine, batch, settings, conversations, sampling, seed,
+                                                      keep_going)):
+            point = {"multiplier": mult, **guard_point(engine, rows, metric, base, guard)}
+            point["failures"] = guard.failures(point, base or point)
+            if len(rows) < n_turns:
+                point["stopped_early"] = True
+                point["failures"] = point["failures"] or ["failure certain before the last turn"]
+            point["passed"] = not point["failures"]
+            point["example"] = rows[-1]["answer"][:240]
+            if log:
+                log(f"x{mult:+g}: " + describe(point, metric) + f" ({len(rows)} of {n_turns} turns)")
+            points.append(point)
+        return points
+
+    base = measure([0.0], None)[0]
+    curve = [base]
+    grids = {side: sorted((m for m in multipliers if m * side > 0), key=abs) for side in (1.0, -1.0)}
+    bounds = {side: [-1, len(grid)] for side, grid in grids.items()}  # last pass, first failure
+    while True:
+        probes = []
+        for side, (lo, hi) in bounds.items():
+            if hi - lo > 1:
+                failed_yet = hi < len(grids[side])
+                probes.append((side, (lo + hi) // 2 if failed_yet else min(lo + STRIDE, hi - 1)))
+        if not probes:
+            break
+        for (side, index), point in zip(probes, measure([grids[side][i] for side, i in probes], base)):
+            curve.append(point)
+            bounds[side][0 if point["passed"] else 1] = index
+    return sorted(curve, key=lambda p: p["multiplier"])
+
+
+def _broken(row: dict[str, Any], base: dict[str, Any], guard: Guard) -> bool:
+    """One turn is broken (as guard_point counts it), against multiplier 0's median perplexity."""
+    p = row["perplexity"]
+    return M.degenerate(row["answer"]) or not math.isfinite(p) or p > guard.broken_perplexity_ratio * base["perplexity"]
+
+
+def _conversation_batch(engine: Any, conversations: Sequence[Sequence[str]], max_tokens: int, n_seq: int) -> Any:
+    """A batch on the engine's model and threads, each sequence long enough for a whole
+    conversation (its user turns, every answer at full length and the template's tokens)."""
+    framing = len(engine.prompt([{"role": "user", "content": ""}])[0])  # system prompt + a turn's markup
+    longest = max(sum(len(engine.tokenize(text)) + framing for text in turns) + len(turns) * max_tokens
+                  for turns in conversations) + 16
+    n_seq = n_seq or min(sum(1 for _ in conversations), 16)
+    return Batch(engine.model, n_seq=n_seq, n_ctx=min(longest, engine.n_ctx), n_threads=engine.n_threads)
 
 
 def limits(curve: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:

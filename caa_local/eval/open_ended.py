@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+from caa_local.engine.batch import Batch, Conversation
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers
 from caa_local.core.steering import check_multipliers
@@ -27,6 +28,7 @@ from caa_local.eval.metrics import FLUENCY, METRICS, summarize
 DEMO_METRIC = {"sentiment": "sentiment", "formality": "formality", "enthusiasm": "enthusiasm"}
 
 Progress = Callable[[int], None]
+BATCH_SEQUENCES = 8  # sequences decoded together: past about 8, 2-4 cores gain little more
 
 
 def open_ended(
@@ -40,8 +42,10 @@ def open_ended(
     progress: Progress | None = None,
     force: bool = False,
     repeat_penalty: float = 1.1,
+    batched: bool = True,
 ) -> list[dict[str, Any]]:
-    """Greedy answers to every prompt at every multiplier (one row each)."""
+    """Greedy answers to every prompt at every multiplier (one row each). ``batched``: all of
+    them decode together in one ``Batch`` (a steering per sequence), else one at a time."""
     unit = engine.make_term("eval", vector, 1.0, any_arch=force)  # the vector's one validation
     check_vector_layers([layer], vector.layers, engine.n_layer)
     unit = unit.at(layer=layer)
@@ -51,10 +55,21 @@ def open_ended(
     # Greedy as in the paper, with a mild repetition penalty: small models loop otherwise.
     sampling = Sampling(temperature=0.0, seed=seed, max_tokens=max_tokens, repeat_penalty=repeat_penalty)
     rows: list[dict[str, Any]] = []
-    for mult in multipliers:
-        with engine.steered([unit.at(scale=mult)] if mult != 0.0 else []):
+    if batched:
+        items = []
+        for mult in multipliers:
+            terms = (unit.at(scale=mult),) if mult != 0.0 else ()
             for prompt in prompts:
-                result = engine.generate(user_turn(prompt), sampling)
+                tokens, steer_from = engine.prompt(user_turn(prompt))
+                items.append(Conversation(tokens, steer_from, terms, sampling))
+        longest = max(len(item.tokens) for item in items) + max_tokens + 1
+        batch = Batch(engine.model, n_seq=min(len(items), BATCH_SEQUENCES), n_ctx=min(longest, engine.n_ctx),
+                                   n_threads=engine.n_threads)
+        answers = iter(batch.run(items))
+    for mult in multipliers:
+        with engine.steered([unit.at(scale=mult)] if mult != 0.0 and not batched else []):
+            for prompt in prompts:
+                result = next(answers) if batched else engine.generate(user_turn(prompt), sampling)
                 rows.append({"prompt": prompt, "multiplier": mult, "layer": layer, "answer": result.text})
                 if progress:
                     progress(1)

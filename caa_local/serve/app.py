@@ -165,7 +165,7 @@ async def off_loop(app: FastAPI, work: Callable[..., T], *args: Any) -> T:
 def reserve(pool: SlotPool, plan: Plan) -> Lease:
     """The request's place (a slot, or one in the queue), or 503 queue_full as a status."""
     try:
-        return pool.reserve(plan.tokens)
+        return pool.reserve(plan)
     except QueueFullError as err:
         raise ApiError(f"server busy: {err}; retry later", "unavailable", None, "queue_full") from None
 

@@ -14,6 +14,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     slots: int = 1
+    parallel: int = 0  # > 0: one batch of this many sequences (continuous batching) instead of slots
     api_key: str | None = None
     vectors_dirs: tuple[Path, ...] = ()
     positions: str = "response"  # default steering positions, when a request names none

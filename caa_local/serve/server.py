@@ -18,6 +18,7 @@ from caa_local.engine.engine import Engine
 from caa_local.serve.config import ServeConfig
 from caa_local.serve.library import VectorLibrary
 from caa_local.serve.planning import Defaults
+from caa_local.serve.batching import BatchPool
 from caa_local.serve.slots import SlotPool
 from caa_local.serve.supervise import inherited_fd
 
@@ -37,8 +38,11 @@ def build(config: ServeConfig, engine: Engine, defaults: Defaults) -> tuple[Any,
 
     library = VectorLibrary.load(config.vectors_dirs, engine.n_embd, engine.n_layer, engine.architecture)
     book = PresetBook.build(engine, library, config, defaults, config.presets, config.presets_file)
-    engines = [engine, *(engine.new_context() for _ in range(config.slots - 1))]
-    pool = SlotPool(engines, max_queue=config.max_queue)
+    if config.parallel:
+        pool: SlotPool | BatchPool = BatchPool(engine, config.parallel, max_queue=config.max_queue)
+    else:
+        engines = [engine, *(engine.new_context() for _ in range(config.slots - 1))]
+        pool = SlotPool(engines, max_queue=config.max_queue)
     app = create_app(config, engine, pool, library, defaults, book)
     ollama.mount(app, config, engine, pool, book)
     return app, pool, library

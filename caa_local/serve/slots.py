@@ -105,10 +105,10 @@ class SlotPool:
         self._free.remove(best)
         return best
 
-    def reserve(self, tokens: Sequence[int]) -> Lease:
+    def reserve(self, plan: Plan) -> Lease:
         """A free slot (none waiting before us), else a place in the queue, else QueueFullError."""
         if self._free and not self.waiting:
-            return Lease(slot=self._pick(tokens))
+            return Lease(slot=self._pick(plan.tokens))
         if self.waiting >= self.max_queue:
             raise QueueFullError(f"{self.waiting} requests are already waiting for a slot"
                                  if self.max_queue else "every slot is busy and --max-queue is 0")
@@ -151,11 +151,6 @@ class SlotPool:
             self._drop_waiter(lease.waiter)
             self._forget(lease.waiter)
 
-    async def acquire(self, tokens: Sequence[int]) -> Slot:
-        lease = self.reserve(tokens)
-        lease.used = True
-        return await self._slot_of(lease)
-
     def release(self, slot: Slot) -> None:
         slot.last_used = time.monotonic()
         while self._waiters:
@@ -169,7 +164,7 @@ class SlotPool:
     async def stream(self, plan: Plan, lease: Lease | None = None) -> AsyncIterator[list[str] | Outcome]:
         """Yield the text pieces decoded since the last batch, then one Outcome; cancel-safe at every await."""
         loop = asyncio.get_running_loop()
-        lease = lease or self.reserve(plan.tokens)
+        lease = lease or self.reserve(plan)
         if lease.used:
             raise RuntimeError("a lease streams once")
         lease.used = True

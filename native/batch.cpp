@@ -1,0 +1,540 @@
+#include "batch.h"
+
+#include <ggml-backend.h>
+#include <ggml.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+namespace caa {
+
+namespace {
+
+// Adds each row's direction to the l_out-N tensors of the blocks some row steers.
+bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
+    auto * p = static_cast<RowSteer *>(user_data);
+    const char * name = ggml_get_name(t);
+    if (std::strncmp(name, "l_out-", 6) != 0) {
+        return ask ? false : true;
+    }
+    const int il = std::atoi(name + 6);
+    const bool on = il >= 1 && static_cast<size_t>(il) < p->layer_on.size() && p->layer_on[il];
+    if (ask) {
+        return on;
+    }
+    if (!on || !p->error.empty()) {
+        return true;
+    }
+    if (t->type != GGML_TYPE_F32 || t->ne[0] != p->n_embd || t->nb[0] != sizeof(float)) {
+        p->error = std::string(name) + ": expected contiguous F32 rows of " + std::to_string(p->n_embd);
+        return true;
+    }
+    // The last block keeps only the output rows when not every token is an output.
+    const int64_t n_rows = ggml_nrows(t);
+    const int64_t n_batch_rows = static_cast<int64_t>(p->rows.size());
+    const bool by_output = n_rows != n_batch_rows;
+    if (by_output && n_rows != p->n_outputs) {
+        p->error = std::string(name) + " has " + std::to_string(n_rows) + " rows, expected " +
+                   std::to_string(n_batch_rows) + " tokens or " + std::to_string(p->n_outputs) + " outputs";
+        return true;
+    }
+    ggml_backend_buffer_t buf = t->view_src != nullptr ? t->view_src->buffer : t->buffer;
+    if (buf == nullptr) {
+        p->error = std::string(name) + ": tensor has no backend buffer";
+        return true;
+    }
+    // Host memory (CPU) is changed in place; elsewhere (a GPU) a row goes there and back.
+    const bool host = ggml_backend_buffer_is_host(buf);
+    const size_t row_bytes = static_cast<size_t>(p->n_embd) * sizeof(float);
+    for (int64_t r = 0; r < n_batch_rows; ++r) {
+        const Steering * s = p->rows[r];
+        if (s == nullptr || il < s->il_start || il > s->il_end) {
+            continue;
+        }
+        const int64_t row = by_output ? p->row_output[r] : r;
+        if (row < 0) {
+            continue; // not an output: llama.cpp drops its last-block row, as it drops the vector's
+        }
+        const float * dir = s->data.data() + static_cast<size_t>(il - 1) * p->n_embd;
+        float * dst;
+        if (host) {
+            dst = reinterpret_cast<float *>(static_cast<char *>(t->data) + row * t->nb[1]);
+        } else {
+            p->buffer.resize(p->n_embd);
+            ggml_backend_tensor_get(t, p->buffer.data(), static_cast<size_t>(row) * t->nb[1], row_bytes);
+            dst = p->buffer.data();
+        }
+        for (int32_t j = 0; j < p->n_embd; ++j) {
+            dst[j] += dir[j]; // the same float add llama.cpp's control vector makes
+        }
+        if (!host) {
+            ggml_backend_tensor_set(t, dst, static_cast<size_t>(row) * t->nb[1], row_bytes);
+        }
+        ++p->rows_added;
+    }
+    return true;
+}
+
+void add_token(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_id seq, bool output) {
+    const int32_t k = batch.n_tokens++;
+    batch.token[k] = token;
+    batch.pos[k] = pos;
+    batch.n_seq_id[k] = 1;
+    batch.seq_id[k][0] = seq;
+    batch.logits[k] = output;
+}
+
+// Feeds `piece` through the stop strings: returns the text that may be sent now; sets `stopped`
+// once a stop string is met (the text before it is returned, the rest dropped). Text that could
+// be the start of a stop string is held back in `held`.
+std::string filter_stops(const std::vector<std::string> & stops, std::string & held, const std::string & piece,
+                         bool & stopped) {
+    if (stops.empty()) {
+        return piece;
+    }
+    held += piece;
+    size_t at = std::string::npos;
+    for (const std::string & s : stops) {
+        at = std::min(at, held.find(s));
+    }
+    if (at != std::string::npos) {
+        std::string out = held.substr(0, at);
+        held.clear();
+        stopped = true;
+        return out;
+    }
+    size_t hold = 0;
+    for (const std::string & s : stops) {
+        for (size_t size = std::min(s.size() - 1, held.size()); size > hold; --size) {
+            if (held.compare(held.size() - size, size, s, 0, size) == 0) {
+                hold = size;
+                break;
+            }
+        }
+    }
+    std::string out = held.substr(0, held.size() - hold);
+    held.erase(0, held.size() - hold);
+    return out;
+}
+
+double seconds(std::chrono::steady_clock::duration d) {
+    return std::chrono::duration<double>(d).count();
+}
+
+} // namespace
+
+struct Batch::Live {
+    int64_t id = 0;
+    BatchRequest request;
+    uint64_t steering_id = 0;
+    SamplerPtr sampler;
+    std::vector<llama_token> out;
+    std::string pending; // bytes of a character still partial
+    std::string held;    // text held back by the stop strings
+    llama_token next = -1;
+    int32_t n_reused = 0;
+    Clock::time_point start;
+    Clock::time_point decode_start;
+    double prompt_seconds = 0.0;
+    std::vector<float> logits;
+};
+
+Batch::~Batch() = default;
+
+Batch::Batch(SharedModel model, uint32_t n_seq, uint32_t n_ctx_seq, int32_t n_threads, uint32_t n_batch)
+    : model_(std::move(model)), n_seq_(n_seq), n_threads_(pick_threads(n_threads)),
+      n_batch_(std::max<uint32_t>(n_batch == 0 ? 512 : n_batch, n_seq)) {
+    if (!model_) {
+        throw std::invalid_argument("a Batch needs a loaded model");
+    }
+    if (n_seq < 1 || n_seq > kMaxSequences) {
+        throw std::invalid_argument("a batch holds 1.." + std::to_string(kMaxSequences) + " sequences, got " +
+                                    std::to_string(n_seq));
+    }
+    if (n_ctx_seq < 16) {
+        throw std::invalid_argument("each sequence needs a context of at least 16 tokens, got " +
+                                    std::to_string(n_ctx_seq));
+    }
+    probe_.n_embd = model_->n_embd();
+    probe_.layer_on.assign(model_->n_layer(), 0);
+    threadpool_ = std::make_unique<Threadpool>(n_threads_);
+    const uint32_t per_seq = (n_ctx_seq + 255) / 256 * 256; // llama.cpp pads each stream to 256
+    ctx_ = make_context(*model_, per_seq * n_seq, n_batch_, n_seq, n_threads_, row_steer_callback, &probe_);
+    if (threadpool_->get() != nullptr) {
+        llama_attach_threadpool(ctx_.get(), threadpool_->get(), nullptr);
+    }
+    n_batch_ = llama_n_batch(ctx_.get());
+    n_ctx_seq_ = llama_n_ctx_seq(ctx_.get());
+    seqs_.resize(n_seq);
+    batch_ = std::make_unique<BatchPtr>(static_cast<int32_t>(n_batch_));
+}
+
+int64_t Batch::submit(BatchRequest request) {
+    if (request.tokens.empty()) {
+        throw std::invalid_argument("the prompt is empty");
+    }
+    if (request.steer_from > request.tokens.size()) {
+        throw std::invalid_argument("steer_from " + std::to_string(request.steer_from) + " is outside the prompt of " +
+                                    std::to_string(request.tokens.size()) + " tokens");
+    }
+    if (request.max_tokens < 1) {
+        throw std::invalid_argument("max tokens must be at least 1, got " + std::to_string(request.max_tokens));
+    }
+    if (request.tokens.size() + 1 > n_ctx_seq_) {
+        throw ContextFullError("prompt of " + std::to_string(request.tokens.size()) +
+                               " tokens does not fit a sequence's context of " + std::to_string(n_ctx_seq_));
+    }
+    model_->check_tokens(request.tokens);
+    validate_steering(request.steering, model_->n_layer(), model_->n_embd());
+    std::lock_guard<std::mutex> lock(mutex_);
+    const int64_t id = next_id_++;
+    waiting_.emplace_back(id, std::move(request));
+    return id;
+}
+
+void Batch::cancel(int64_t id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cancelled_.push_back(id);
+}
+
+size_t Batch::n_live() const {
+    return n_live_.load();
+}
+
+size_t Batch::n_waiting() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return waiting_.size();
+}
+
+size_t Batch::reusable(const Sequence & s, const BatchRequest & r, uint64_t steering_id) const {
+    const size_t n = std::min(s.tokens.size(), r.tokens.size());
+    size_t i = 0;
+    for (; i < n; ++i) {
+        const uint64_t wanted = i < r.steer_from ? 0 : steering_id;
+        if (s.tokens[i] != r.tokens[i] || s.steering_ids[i] != wanted) {
+            break;
+        }
+    }
+    return i;
+}
+
+void Batch::decode(llama_batch & batch, const std::vector<const Steering *> & rows, const std::vector<uint64_t> & ids) {
+    // One steering (or none) for every row: llama.cpp's control vector. Mixed: per row.
+    const Steering * first = rows.empty() ? nullptr : rows[0];
+    const uint64_t first_id = ids.empty() ? 0 : ids[0];
+    const bool uniform = std::all_of(ids.begin(), ids.end(), [first_id](uint64_t id) { return id == first_id; });
+    const bool per_row = force_rows_ || !uniform;
+    static const Steering none;
+    const uint64_t cvec = per_row ? 0 : first_id;
+    if (!cvec_known_ || applied_cvec_ != cvec) {
+        // One call per change: each makes the scheduler re-reserve its graph.
+        apply_steering(ctx_.get(), cvec != 0 ? *first : none, model_->n_embd());
+        applied_cvec_ = cvec;
+        cvec_known_ = true;
+    }
+    std::fill(probe_.layer_on.begin(), probe_.layer_on.end(), 0);
+    probe_.rows.clear();
+    if (per_row) {
+        probe_.rows = rows;
+        probe_.row_output.assign(rows.size(), -1);
+        probe_.n_outputs = 0;
+        for (int32_t k = 0; k < batch.n_tokens; ++k) {
+            if (batch.logits[k]) {
+                probe_.row_output[k] = probe_.n_outputs++;
+            }
+        }
+        const Steering * last = nullptr;
+        for (const Steering * s : rows) {
+            if (s == nullptr || s == last) {
+                continue;
+            }
+            last = s;
+            for (int32_t il = s->il_start; il <= s->il_end; ++il) {
+                probe_.layer_on[il] = 1;
+            }
+        }
+    }
+    probe_.error.clear();
+    const int32_t rc = llama_decode(ctx_.get(), batch);
+    probe_.rows.clear();
+    std::fill(probe_.layer_on.begin(), probe_.layer_on.end(), 0);
+    ++(per_row ? decodes_rows_ : decodes_cvec_);
+    if (rc != 0) {
+        throw std::runtime_error("llama_decode failed with code " + std::to_string(rc));
+    }
+    if (!probe_.error.empty()) {
+        throw std::runtime_error("steering rows: " + probe_.error);
+    }
+}
+
+void Batch::admit(std::vector<BatchEvent> & events) {
+    while (true) {
+        std::pair<int64_t, BatchRequest> next;
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (waiting_.empty()) {
+                return;
+            }
+            bool free = false;
+            for (const Sequence & s : seqs_) {
+                free = free || !s.live;
+            }
+            if (!free) {
+                return;
+            }
+            next = std::move(waiting_.front());
+            waiting_.pop_front();
+        }
+        auto live = std::make_unique<Live>();
+        live->id = next.first;
+        live->request = std::move(next.second);
+        live->steering_id = live->request.steering.id();
+        live->start = Clock::now();
+        // The free sequence whose cache shares the longest prefix; the lowest id on a tie
+        // (llama.cpp decodes consecutive sequence ids in one ubatch).
+        uint32_t best = n_seq_;
+        size_t best_len = 0;
+        for (uint32_t s = 0; s < n_seq_; ++s) {
+            if (seqs_[s].live) {
+                continue;
+            }
+            const size_t len = reusable(seqs_[s], live->request, live->steering_id);
+            if (best == n_seq_ || len > best_len) {
+                best = s;
+                best_len = len;
+            }
+        }
+        seqs_[best].live = std::move(live);
+        ++n_live_;
+        prefill(best, events);
+    }
+}
+
+void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
+    Sequence & s = seqs_[seq];
+    Live & live = *s.live;
+    const BatchRequest & r = live.request;
+    // The last prompt token is always decoded again: its logits start the answer.
+    size_t keep = std::min(reusable(s, r, live.steering_id), r.tokens.size() - 1);
+    llama_memory_t mem = llama_get_memory(ctx_.get());
+    if (keep < s.tokens.size() && !llama_memory_seq_rm(mem, static_cast<llama_seq_id>(seq), static_cast<llama_pos>(keep), -1)) {
+        llama_memory_seq_rm(mem, static_cast<llama_seq_id>(seq), -1, -1);
+        keep = 0;
+    }
+    s.tokens.resize(keep);
+    s.steering_ids.resize(keep);
+    live.n_reused = static_cast<int32_t>(keep);
+    const Steering * steered = r.steering.active() ? &r.steering : nullptr;
+    llama_batch & batch = batch_->batch;
+    std::vector<const Steering *> rows;
+    std::vector<uint64_t> ids;
+    int32_t last_row = -1;
+    // Two parts, each in chunks of n_batch: before steer_from unsteered, the rest steered.
+    const size_t bounds[3] = {keep, std::max(keep, r.steer_from), r.tokens.size()};
+    for (int part = 0; part < 2; ++part) {
+        for (size_t start = bounds[part]; start < bounds[part + 1]; start += n_batch_) {
+            const size_t end = std::min(bounds[part + 1], start + n_batch_);
+            batch.n_tokens = 0;
+            rows.assign(end - start, part == 0 ? nullptr : steered);
+            ids.assign(end - start, part == 0 || steered == nullptr ? 0 : live.steering_id);
+            for (size_t i = start; i < end; ++i) {
+                add_token(batch, r.tokens[i], static_cast<llama_pos>(i), static_cast<llama_seq_id>(seq),
+                          i + 1 == r.tokens.size());
+            }
+            decode(batch, rows, ids);
+            s.tokens.insert(s.tokens.end(), r.tokens.begin() + start, r.tokens.begin() + end);
+            s.steering_ids.insert(s.steering_ids.end(), end - start, part == 0 ? 0 : live.steering_id);
+            last_row = batch.n_tokens - 1;
+        }
+    }
+    live.sampler = make_sampler(r.sampling, model_->n_vocab());
+    const size_t tail = std::min<size_t>(s.tokens.size(), std::max(r.sampling.repeat_last_n, 0));
+    for (size_t i = s.tokens.size() - tail; i < s.tokens.size(); ++i) {
+        llama_sampler_accept(live.sampler.get(), s.tokens[i]);
+    }
+    live.decode_start = Clock::now();
+    live.prompt_seconds = seconds(live.decode_start - live.start);
+    sample(seq, last_row, events);
+}
+
+bool Batch::sample(uint32_t seq, int32_t idx, std::vector<BatchEvent> & events) {
+    Sequence & s = seqs_[seq];
+    Live & live = *s.live;
+    if (live.request.record_logits) {
+        const float * logits = llama_get_logits_ith(ctx_.get(), idx);
+        if (logits == nullptr) {
+            throw std::runtime_error("llama.cpp kept no logits for batch row " + std::to_string(idx));
+        }
+        live.logits.insert(live.logits.end(), logits, logits + model_->n_vocab());
+    }
+    const llama_token token = llama_sampler_sample(live.sampler.get(), ctx_.get(), idx);
+    if (model_->is_eog(token)) {
+        finish(seq, "eog", events);
+        return false;
+    }
+    live.out.push_back(token);
+    live.pending += model_->token_to_piece(token, false);
+    const size_t ready = utf8_complete_prefix(live.pending);
+    bool stopped = false;
+    const std::string text = filter_stops(live.request.stops, live.held, live.pending.substr(0, ready), stopped);
+    live.pending.erase(0, ready);
+    if (!text.empty()) {
+        BatchEvent e;
+        e.id = live.id;
+        e.piece = text;
+        events.push_back(std::move(e));
+    }
+    if (stopped) {
+        finish(seq, "stop", events);
+        return false;
+    }
+    if (static_cast<int32_t>(live.out.size()) >= live.request.max_tokens) {
+        finish(seq, "max_tokens", events);
+        return false;
+    }
+    if (s.tokens.size() + 1 > n_ctx_seq_) {
+        finish(seq, "context", events);
+        return false;
+    }
+    live.next = token;
+    return true;
+}
+
+void Batch::finish(uint32_t seq, const std::string & reason, std::vector<BatchEvent> & events) {
+    std::unique_ptr<Live> live = std::move(seqs_[seq].live);
+    --n_live_;
+    BatchEvent e;
+    e.id = live->id;
+    // What is left: a partial character (sent as is) and text held back by the stop strings.
+    if (reason != "stop") {
+        e.piece = live->held + live->pending;
+    }
+    e.done = true;
+    e.stop_reason = reason;
+    e.tokens = std::move(live->out);
+    e.n_prompt = static_cast<int32_t>(live->request.tokens.size());
+    e.n_reused = live->n_reused;
+    e.prompt_seconds = live->prompt_seconds;
+    e.decode_seconds = seconds(Clock::now() - live->decode_start);
+    e.logits = std::move(live->logits);
+    events.push_back(std::move(e));
+}
+
+void Batch::decode_step(std::vector<BatchEvent> & events) {
+    llama_batch & batch = batch_->batch;
+    batch.n_tokens = 0;
+    std::vector<const Steering *> rows;
+    std::vector<uint64_t> ids;
+    std::vector<uint32_t> row_seq;
+    // Sequence ids in increasing order: llama.cpp puts consecutive ones in one ubatch.
+    for (uint32_t s = 0; s < n_seq_; ++s) {
+        if (!seqs_[s].live) {
+            continue;
+        }
+        Live & live = *seqs_[s].live;
+        add_token(batch, live.next, static_cast<llama_pos>(seqs_[s].tokens.size()), static_cast<llama_seq_id>(s), true);
+        rows.push_back(live.request.steering.active() ? &live.request.steering : nullptr);
+        ids.push_back(live.steering_id);
+        row_seq.push_back(s);
+    }
+    if (batch.n_tokens == 0) {
+        return;
+    }
+    decode(batch, rows, ids);
+    for (size_t k = 0; k < row_seq.size(); ++k) {
+        Sequence & s = seqs_[row_seq[k]];
+        s.tokens.push_back(s.live->next);
+        s.steering_ids.push_back(s.live->steering_id);
+    }
+    for (size_t k = 0; k < row_seq.size(); ++k) {
+        sample(row_seq[k], static_cast<int32_t>(k), events);
+    }
+}
+
+std::vector<BatchEvent> Batch::step() {
+    std::vector<BatchEvent> events;
+    std::vector<int64_t> cancelled;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        cancelled.swap(cancelled_);
+        for (auto it = waiting_.begin(); it != waiting_.end();) {
+            if (std::find(cancelled.begin(), cancelled.end(), it->first) != cancelled.end()) {
+                BatchEvent e;
+                e.id = it->first;
+                e.done = true;
+                e.stop_reason = "cancelled";
+                e.n_prompt = static_cast<int32_t>(it->second.tokens.size());
+                events.push_back(std::move(e));
+                it = waiting_.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    for (uint32_t s = 0; s < n_seq_; ++s) {
+        if (seqs_[s].live && std::find(cancelled.begin(), cancelled.end(), seqs_[s].live->id) != cancelled.end()) {
+            finish(s, "cancelled", events);
+        }
+    }
+    admit(events);
+    decode_step(events);
+    return events;
+}
+
+void Batch::drop(const std::vector<int64_t> & ids) {
+    auto listed = [&ids](int64_t id) { return std::find(ids.begin(), ids.end(), id) != ids.end(); };
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        waiting_.erase(std::remove_if(waiting_.begin(), waiting_.end(), [&](const auto & w) { return listed(w.first); }),
+                       waiting_.end());
+    }
+    for (Sequence & s : seqs_) {
+        if (s.live && listed(s.live->id)) {
+            s.live.reset();
+            --n_live_;
+        }
+    }
+}
+
+std::vector<BatchEvent> Batch::run(std::vector<BatchRequest> requests, const std::function<void()> & check_interrupt) {
+    std::vector<int64_t> ids;
+    try {
+        for (BatchRequest & r : requests) {
+            ids.push_back(submit(std::move(r)));
+        }
+        return run_ids(ids, check_interrupt);
+    } catch (...) {
+        drop(ids); // an interrupt or an error leaves no request of this run behind
+        throw;
+    }
+}
+
+std::vector<BatchEvent> Batch::run_ids(const std::vector<int64_t> & ids, const std::function<void()> & check_interrupt) {
+    std::vector<BatchEvent> results(ids.size());
+    std::vector<std::string> texts(ids.size());
+    size_t n_done = 0;
+    auto index_of = [&](int64_t id) -> size_t {
+        return static_cast<size_t>(std::find(ids.begin(), ids.end(), id) - ids.begin());
+    };
+    while (n_done < ids.size()) {
+        if (check_interrupt) {
+            check_interrupt();
+        }
+        for (BatchEvent & e : step()) {
+            const size_t i = index_of(e.id);
+            if (i == ids.size()) {
+                continue; // a request submitted by someone else
+            }
+            texts[i] += e.piece;
+            if (e.done) {
+                results[i] = std::move(e);
+                results[i].piece = texts[i];
+                ++n_done;
+            }
+        }
+    }
+    return results;
+}
+
+} // namespace caa

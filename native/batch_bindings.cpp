@@ -1,0 +1,125 @@
+// Python bindings of the batch: caa_local.engine._native.Batch and BatchRequest.
+// step() and run() release the GIL while llama.cpp decodes; Python sees one list of events per
+// step (or the whole results of run()), never a callback per token.
+#include "batch.h"
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/function.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using FloatMatrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+nb::str lenient(const std::string & s) {
+    PyObject * obj = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
+    if (obj == nullptr) {
+        throw nb::python_error();
+    }
+    return nb::steal<nb::str>(obj);
+}
+
+// (id, piece, done, stop_reason, tokens, n_prompt, n_reused, prompt_seconds, decode_seconds, logits)
+// logits: None, or (positions, n_vocab) float32 when the request recorded them.
+nb::tuple to_tuple(caa::BatchEvent & e, size_t n_vocab) {
+    nb::object logits = nb::none();
+    if (!e.logits.empty()) {
+        auto * heap = new std::vector<float>(std::move(e.logits));
+        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+        const size_t shape[2] = {heap->size() / n_vocab, n_vocab};
+        logits = nb::cast(nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner));
+    }
+    return nb::make_tuple(e.id, lenient(e.piece), e.done, e.stop_reason, e.tokens, e.n_prompt, e.n_reused,
+                          e.prompt_seconds, e.decode_seconds, logits);
+}
+
+nb::list to_list(std::vector<caa::BatchEvent> & events, size_t n_vocab) {
+    nb::list out;
+    for (caa::BatchEvent & e : events) {
+        out.append(to_tuple(e, n_vocab));
+    }
+    return out;
+}
+
+} // namespace
+
+void bind_batch(nb::module_ & m) {
+    nb::class_<caa::BatchRequest>(m, "BatchRequest")
+        .def(
+            "__init__",
+            [](caa::BatchRequest * r, const caa::Model & model, std::vector<llama_token> tokens, size_t steer_from,
+               const caa::SamplingParams & sampling, int32_t max_tokens, std::vector<std::string> stops,
+               nb::object buf, int32_t il_start, int32_t il_end, bool record_logits) {
+                new (r) caa::BatchRequest{std::move(tokens), steer_from, {}, sampling, max_tokens, std::move(stops),
+                                          record_logits};
+                if (!buf.is_none()) {
+                    FloatMatrix m = nb::cast<FloatMatrix>(buf);
+                    if (m.shape(0) != static_cast<size_t>(model.n_layer() - 1) ||
+                        m.shape(1) != static_cast<size_t>(model.n_embd())) {
+                        throw std::invalid_argument("steering buffer has shape (" + std::to_string(m.shape(0)) + ", " +
+                                                    std::to_string(m.shape(1)) + "), expected (n_layer - 1, n_embd)");
+                    }
+                    r->steering.data.assign(m.data(), m.data() + m.size());
+                    r->steering.il_start = il_start;
+                    r->steering.il_end = il_end;
+                }
+            },
+            "model"_a, "tokens"_a, "steer_from"_a, "sampling"_a, "max_tokens"_a, "stops"_a = std::vector<std::string>{},
+            "buf"_a = nb::none(), "il_start"_a = -1, "il_end"_a = -1, "record_logits"_a = false,
+            "One conversation: prompt tokens (positions < steer_from unsteered), sampling, token budget, "
+            "stop strings and steering (buf (n_layer-1, n_embd) float32 from layer 1, layers "
+            "il_start..il_end; None: unsteered). record_logits keeps every sampled position's logits.");
+
+    nb::class_<caa::Batch>(m, "Batch")
+        .def(nb::init<caa::SharedModel, uint32_t, uint32_t, int32_t, uint32_t>(), "model"_a, "n_seq"_a,
+             "n_ctx_seq"_a = 4096, "n_threads"_a = 0, "n_batch"_a = 512, nb::call_guard<nb::gil_scoped_release>(),
+             "A context holding n_seq sequences (one KV stream each) of n_ctx_seq tokens.")
+        .def_prop_ro("n_seq", &caa::Batch::n_seq)
+        .def_prop_ro("n_ctx_seq", &caa::Batch::n_ctx_seq)
+        .def_prop_ro("n_threads", &caa::Batch::n_threads)
+        .def_prop_ro("n_live", &caa::Batch::n_live)
+        .def_prop_ro("n_waiting", &caa::Batch::n_waiting)
+        .def_prop_rw("force_rows", &caa::Batch::force_rows, &caa::Batch::set_force_rows,
+                     "Add directions per row even where every row shares one steering (checks, benchmarks).")
+        .def_prop_ro("counters",
+                     [](const caa::Batch & b) {
+                         return nb::make_tuple(b.decodes_cvec(), b.decodes_rows(), b.rows_added());
+                     },
+                     "(llama_decode calls through the control vector, calls with per-row directions, "
+                     "row additions made).")
+        .def("submit", &caa::Batch::submit, "request"_a, "Queue a request (thread-safe); returns its id.")
+        .def("cancel", &caa::Batch::cancel, "id"_a, "Stop a queued or running request at the next step (thread-safe).")
+        .def("step",
+             [](caa::Batch & b) {
+                 std::vector<caa::BatchEvent> events;
+                 {
+                     nb::gil_scoped_release release;
+                     events = b.step();
+                 }
+                 return to_list(events, static_cast<size_t>(b.model().n_vocab()));
+             },
+             "Admit waiting requests, decode one token of every live one. Returns events (id, piece, "
+             "done, stop_reason, tokens, n_prompt, n_reused, prompt_seconds, decode_seconds).")
+        .def("run",
+             [](caa::Batch & b, std::vector<caa::BatchRequest> requests) {
+                 std::vector<caa::BatchEvent> results;
+                 {
+                     nb::gil_scoped_release release;
+                     results = b.run(std::move(requests), [] {
+                         nb::gil_scoped_acquire gil;
+                         if (PyErr_CheckSignals() != 0) {
+                             throw nb::python_error();
+                         }
+                     });
+                 }
+                 return to_list(results, static_cast<size_t>(b.model().n_vocab()));
+             },
+             "requests"_a, "Answer every request; one event per request, in order, piece = the whole answer.");
+}
