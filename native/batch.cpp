@@ -76,15 +76,6 @@ bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
     return true;
 }
 
-void add_token(llama_batch & batch, llama_token token, llama_pos pos, llama_seq_id seq, bool output) {
-    const int32_t k = batch.n_tokens++;
-    batch.token[k] = token;
-    batch.pos[k] = pos;
-    batch.n_seq_id[k] = 1;
-    batch.seq_id[k][0] = seq;
-    batch.logits[k] = output;
-}
-
 // Feeds `piece` through the stop strings: returns the text that may be sent now; sets `stopped`
 // once a stop string is met (the text before it is returned, the rest dropped). Text that could
 // be the start of a stop string is held back in `held`.
@@ -148,8 +139,8 @@ Batch::Batch(SharedModel model, uint32_t n_seq, uint32_t n_ctx_seq, int32_t n_th
     if (!model_) {
         throw std::invalid_argument("a Batch needs a loaded model");
     }
-    if (n_seq < 1 || n_seq > kMaxSequences) {
-        throw std::invalid_argument("a batch holds 1.." + std::to_string(kMaxSequences) + " sequences, got " +
+    if (n_seq < 1 || n_seq > max_sequences()) {
+        throw std::invalid_argument("a batch holds 1.." + std::to_string(max_sequences()) + " sequences, got " +
                                     std::to_string(n_seq));
     }
     if (n_ctx_seq < 16) {

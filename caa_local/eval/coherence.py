@@ -231,8 +231,6 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
     ``sampling`` defaults to the chat's (``CHAT_SAMPLING``); each turn gets its own seed, the
     same at every multiplier, so the multipliers are compared on paired samples.
     """
-    from caa_local.chat.repl import CHAT_SAMPLING
-
     sampling = sampling or CHAT_SAMPLING
     n_turns = sum(len(c) for c in conversations)
     batch = _conversation_batch(engine, conversations, sampling.max_tokens, n_seq)
