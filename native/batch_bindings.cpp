@@ -2,6 +2,7 @@
 // step() and run() release the GIL while llama.cpp decodes; Python sees one list of events per
 // step (or the whole results of run()), never a callback per token.
 #include "batch.h"
+#include "bindings.h"
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -16,27 +17,15 @@ using namespace nb::literals;
 
 namespace {
 
-using FloatMatrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-
-nb::str lenient(const std::string & s) {
-    PyObject * obj = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
-    if (obj == nullptr) {
-        throw nb::python_error();
-    }
-    return nb::steal<nb::str>(obj);
-}
-
 // (id, piece, done, stop_reason, tokens, n_prompt, n_reused, prompt_seconds, decode_seconds, logits)
 // logits: None, or (positions, n_vocab) float32 when the request recorded them.
 nb::tuple to_tuple(caa::BatchEvent & e, size_t n_vocab) {
     nb::object logits = nb::none();
     if (!e.logits.empty()) {
-        auto * heap = new std::vector<float>(std::move(e.logits));
-        nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
-        const size_t shape[2] = {heap->size() / n_vocab, n_vocab};
-        logits = nb::cast(nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner));
+        const size_t n_positions = e.logits.size() / n_vocab;
+        logits = nb::cast(caa::to_numpy(std::move(e.logits), {n_positions, n_vocab}));
     }
-    return nb::make_tuple(e.id, lenient(e.piece), e.done, e.stop_reason, e.tokens, e.n_prompt, e.n_reused,
+    return nb::make_tuple(e.id, caa::lenient_str(e.piece), e.done, e.stop_reason, e.tokens, e.n_prompt, e.n_reused,
                           e.prompt_seconds, e.decode_seconds, logits);
 }
 
@@ -60,15 +49,7 @@ void bind_batch(nb::module_ & m) {
                 new (r) caa::BatchRequest{std::move(tokens), steer_from, {}, sampling, max_tokens, std::move(stops),
                                           record_logits};
                 if (!buf.is_none()) {
-                    FloatMatrix m = nb::cast<FloatMatrix>(buf);
-                    if (m.shape(0) != static_cast<size_t>(model.n_layer() - 1) ||
-                        m.shape(1) != static_cast<size_t>(model.n_embd())) {
-                        throw std::invalid_argument("steering buffer has shape (" + std::to_string(m.shape(0)) + ", " +
-                                                    std::to_string(m.shape(1)) + "), expected (n_layer - 1, n_embd)");
-                    }
-                    r->steering.data.assign(m.data(), m.data() + m.size());
-                    r->steering.il_start = il_start;
-                    r->steering.il_end = il_end;
+                    r->steering = caa::to_steering(model, nb::cast<caa::FloatMatrix>(buf), il_start, il_end);
                 }
             },
             "model"_a, "tokens"_a, "steer_from"_a, "sampling"_a, "max_tokens"_a, "stops"_a = std::vector<std::string>{},

@@ -1,4 +1,5 @@
 // Python bindings of the condition probe: caa_local.engine._native.RowProbe.
+#include "bindings.h"
 #include "condition.h"
 
 #include <nanobind/nanobind.h>
@@ -22,10 +23,7 @@ void bind_condition(nb::module_ & m) {
         .def(
             "means",
             [](const caa::RowProbe & p) {
-                auto * heap = new std::vector<float>(p.means());
-                nb::capsule owner(heap, [](void * q) noexcept { delete static_cast<std::vector<float> *>(q); });
-                const size_t shape[2] = {p.layers().size(), static_cast<size_t>(p.n_embd())};
-                return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
+                return caa::to_numpy(p.means(), {p.layers().size(), static_cast<size_t>(p.n_embd())});
             },
             "Mean of the rows read, per watched block: (n_layers, n_embd) float32.");
 }

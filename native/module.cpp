@@ -2,7 +2,7 @@
 // A Model is loaded once and shared (shared_ptr) by every Session made on it. Long llama.cpp
 // work runs with the GIL released, so Sessions on other threads decode at the same time;
 // Ctrl-C and should_stop() are checked between batches and tokens.
-#include "numpy.h"
+#include "bindings.h"
 #include "scorer.h"
 #include "session.h"
 
@@ -19,16 +19,9 @@ using namespace nb::literals;
 
 namespace {
 
-using FloatMatrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
-
-// Decodes UTF-8 leniently: a token can hold half a character.
-nb::str lenient_str(const std::string & s) {
-    PyObject * obj = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
-    if (obj == nullptr) {
-        throw nb::python_error();
-    }
-    return nb::steal<nb::str>(obj);
-}
+using caa::FloatMatrix;
+using caa::lenient_str;
+using caa::to_steering;
 
 // Called with the GIL held: raises KeyboardInterrupt on Ctrl-C (main thread only, as Python
 // delivers signals there), then asks should_stop.
@@ -37,19 +30,6 @@ bool stop_requested(const nb::object & should_stop) {
         throw nb::python_error();
     }
     return !should_stop.is_none() && nb::cast<bool>(should_stop());
-}
-
-caa::Steering to_steering(const caa::Model & m, FloatMatrix buf, int32_t il_start, int32_t il_end) {
-    if (buf.shape(0) != static_cast<size_t>(m.n_layer() - 1) || buf.shape(1) != static_cast<size_t>(m.n_embd())) {
-        throw std::invalid_argument("steering buffer has shape (" + std::to_string(buf.shape(0)) + ", " +
-                                    std::to_string(buf.shape(1)) + "), expected (n_layer - 1, n_embd) = (" +
-                                    std::to_string(m.n_layer() - 1) + ", " + std::to_string(m.n_embd()) + ")");
-    }
-    caa::Steering steering;
-    steering.data.assign(buf.data(), buf.data() + buf.size());
-    steering.il_start = il_start;
-    steering.il_end = il_end;
-    return steering;
 }
 
 } // namespace

@@ -1,5 +1,5 @@
 // Python bindings of the extraction reader: caa_local.engine._native.Reader.
-#include "numpy.h"
+#include "bindings.h"
 #include "reader.h"
 
 #include <nanobind/nanobind.h>

@@ -8,6 +8,7 @@ pyproject.toml.
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ from typing import Any
 import pytest
 
 from caa_local.cli import main
+
+# Debian's Chromium, which the page tests drive through Playwright (never a downloaded browser).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium chromium-driver)")
 
 # Started as a background job, this process (and every child it spawns) inherits an ignored
 # SIGINT, and the children's Ctrl-C tests would hang. A handler of our own is reset to the

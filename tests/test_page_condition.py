@@ -3,24 +3,17 @@ a vector gated with the `when` menu, and the answer label saying whether the con
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, pydantic) is not installed")
 pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
 
+from conftest import CHROMIUM, needs_chromium  # noqa: E402
 from caa_local.serve.testing import ServerProcess  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason="Debian's chromium is not installed (apt-get install chromium chromium-driver)"),
-]
+pytestmark = [pytest.mark.slow, needs_chromium]
 
 
 @pytest.fixture(scope="module")

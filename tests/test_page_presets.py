@@ -20,14 +20,10 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, pydant
 pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
 pytest.importorskip("openai", reason="the dev extra's openai client is not installed")
 
+from conftest import CHROMIUM, needs_chromium  # noqa: E402
 from caa_local.serve.testing import ServerProcess  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason="Debian's chromium is not installed (apt-get install chromium chromium-driver)"),
-]
+pytestmark = [pytest.mark.slow, needs_chromium]
 KEY = "sk-page-presets"
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, pydantic) is not installed")
 httpx = pytest.importorskip("httpx", reason="the dev extra's httpx is not installed")
 
+from conftest import CHROMIUM, needs_chromium
 from caa_local.serve.testing import ServerProcess, free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -386,9 +385,6 @@ def test_allow_host_names_more_hosts_and_a_public_bind_keeps_the_check() -> None
 
 
 # -- browsers, for real ----------------------------------------------------------------------------
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-needs_chromium = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
 
 
 class OtherSite(http.server.BaseHTTPRequestHandler):

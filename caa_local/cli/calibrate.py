@@ -10,7 +10,6 @@ import click
 
 from caa_local.cli import chat_template_option, model_options, open_engine, warn
 from caa_local.cli.shared import target_path
-from caa_local.core.errors import CaaError
 
 METRICS = ("p_match", "sentiment", "formality", "enthusiasm", "length")
 
