@@ -308,7 +308,7 @@ def test_generated_bodies_get_2xx_or_4xx_with_a_json_body_and_health_stays_fast(
     statuses: list[int] = []
     client = httpx.Client(timeout=120)
 
-    @settings(max_examples=100, deadline=None, database=None,
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
     @given(raw=raw_bodies())
     def one(raw: bytes) -> None:
