@@ -33,7 +33,7 @@ import numpy.typing as npt
 from caa_local.core.errors import CaaError
 from caa_local.core.steering import Steering, SteeringTerm
 from caa_local.engine import _native
-from caa_local.engine.engine import ContextFullError, GenerationResult, Sampling
+from caa_local.engine.engine import ContextFullError, GenerationResult, Sampling, check_sizes
 
 if TYPE_CHECKING:
     from caa_local.engine.engine import Model
@@ -66,10 +66,7 @@ class Batch:
     def __init__(self, model: Model, n_seq: int, n_ctx: int = 4096, n_threads: int = 0, n_batch: int = 512) -> None:
         if not 1 <= n_seq <= _native.LLAMA_MAX_SEQ:
             raise CaaError(f"a batch holds 1..{_native.LLAMA_MAX_SEQ} sequences, got {n_seq}")
-        if n_ctx < 16:
-            raise CaaError(f"context size must be at least 16 tokens, got {n_ctx}")
-        if n_threads < 0:
-            raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
+        check_sizes(n_ctx, n_threads)
         self.model = model
         try:
             self._native = _native.Batch(model.native, n_seq, n_ctx, n_threads, n_batch)
