@@ -67,6 +67,31 @@ def greedy(messages: list[dict[str, str]], max_tokens: int, steering: list[dict[
     return {"messages": messages, "temperature": 0, "max_tokens": max_tokens, "steering": steering}
 
 
+def greedy_requests(messages: list[dict[str, str]], max_tokens: int,
+                    steerings: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [greedy(messages, max_tokens, steering) for steering in steerings]
+
+
+def requests_rate(port: int, bodies: list[dict[str, Any]], concurrent: bool) -> float:
+    """Streamed tokens/s over ``bodies``, sent all at once (a thread each) or one after another."""
+    totals = [0] * len(bodies)
+
+    def one_request(i: int) -> None:
+        totals[i] = stream_times(port, bodies[i])[2]
+
+    start = time.perf_counter()
+    if concurrent:
+        threads = [threading.Thread(target=one_request, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(len(bodies)):
+            one_request(i)
+    return sum(totals) / (time.perf_counter() - start)
+
+
 def _note(figures: dict[str, Any], name: str) -> None:
     print(json.dumps({name: figures[name]}), file=sys.stderr, flush=True)  # progress: a slow machine may stop us
 
@@ -102,46 +127,15 @@ def serve_group(cfg: Config) -> dict[str, Any]:
         _note(figures, "serve_first_token_ms")
 
         with ServerProcess("--slots", "2", *ctx, *model) as two:
-            def batch(port: int, concurrent: bool) -> float:
-                totals = [0] * len(STEERINGS)
-
-                def one_request(i: int) -> None:
-                    totals[i] = stream_times(port, greedy(story, cfg.decode_tokens, STEERINGS[i]))[2]
-                start = time.perf_counter()
-                if concurrent:
-                    threads = [threading.Thread(target=one_request, args=(i,)) for i in range(len(STEERINGS))]
-                    for t in threads:
-                        t.start()
-                    for t in threads:
-                        t.join()
-                else:
-                    for i in range(len(STEERINGS)):
-                        one_request(i)
-                return sum(totals) / (time.perf_counter() - start)
-
-            concurrent, serial = interleaved(max(1, cfg.repeats // 2), lambda: batch(two.port, True),
-                                             lambda: batch(one.port, False))
+            bodies = greedy_requests(story, cfg.decode_tokens, STEERINGS)
+            concurrent, serial = interleaved(max(1, cfg.repeats // 2), lambda: requests_rate(two.port, bodies, True),
+                                             lambda: requests_rate(one.port, bodies, False))
             figures["serve_concurrent_vs_serial"] = {"value": concurrent, "baseline": serial}
             _note(figures, "serve_concurrent_vs_serial")
     with ServerProcess("--parallel", str(len(MIXED)), "--threads", str(cfg.threads), *ctx, *model) as batched:
-        def mixed(concurrent: bool) -> float:
-            totals = [0] * len(MIXED)
-
-            def one_request(i: int) -> None:
-                totals[i] = stream_times(batched.port, greedy(story, cfg.decode_tokens, MIXED[i]))[2]
-            start = time.perf_counter()
-            if concurrent:
-                threads = [threading.Thread(target=one_request, args=(i,)) for i in range(len(MIXED))]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            else:
-                for i in range(len(MIXED)):
-                    one_request(i)
-            return sum(totals) / (time.perf_counter() - start)
-
-        together, one_by_one = interleaved(max(1, cfg.repeats // 2), lambda: mixed(True), lambda: mixed(False))
+        bodies = greedy_requests(story, cfg.decode_tokens, MIXED)
+        together, one_by_one = interleaved(max(1, cfg.repeats // 2), lambda: requests_rate(batched.port, bodies, True),
+                                           lambda: requests_rate(batched.port, bodies, False))
         figures["serve_batch_mixed_vs_serial"] = {"value": together, "baseline": one_by_one}
         _note(figures, "serve_batch_mixed_vs_serial")
     return {"figures": figures, "facts": {}}
