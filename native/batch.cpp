@@ -14,11 +14,10 @@ namespace {
 // Adds each row's direction to the l_out-N tensors of the blocks some row steers.
 bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * p = static_cast<RowSteer *>(user_data);
-    const char * name = ggml_get_name(t);
-    if (std::strncmp(name, "l_out-", 6) != 0) {
-        return ask ? false : true;
+    const int il = block_output_of(t);
+    if (il < 0) {
+        return !ask;
     }
-    const int il = std::atoi(name + 6);
     const bool on = il >= 1 && static_cast<size_t>(il) < p->layer_on.size() && p->layer_on[il];
     if (ask) {
         return on;
@@ -27,7 +26,7 @@ bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
         return true;
     }
     if (t->type != GGML_TYPE_F32 || t->ne[0] != p->n_embd || t->nb[0] != sizeof(float)) {
-        p->error = std::string(name) + ": expected contiguous F32 rows of " + std::to_string(p->n_embd);
+        p->error = std::string(ggml_get_name(t)) + ": expected contiguous F32 rows of " + std::to_string(p->n_embd);
         return true;
     }
     // The last block keeps only the output rows when not every token is an output.
@@ -35,13 +34,13 @@ bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
     const int64_t n_batch_rows = static_cast<int64_t>(p->rows.size());
     const bool by_output = n_rows != n_batch_rows;
     if (by_output && n_rows != p->n_outputs) {
-        p->error = std::string(name) + " has " + std::to_string(n_rows) + " rows, expected " +
+        p->error = std::string(ggml_get_name(t)) + " has " + std::to_string(n_rows) + " rows, expected " +
                    std::to_string(n_batch_rows) + " tokens or " + std::to_string(p->n_outputs) + " outputs";
         return true;
     }
     ggml_backend_buffer_t buf = t->view_src != nullptr ? t->view_src->buffer : t->buffer;
     if (buf == nullptr) {
-        p->error = std::string(name) + ": tensor has no backend buffer";
+        p->error = std::string(ggml_get_name(t)) + ": tensor has no backend buffer";
         return true;
     }
     // Host memory (CPU) is changed in place; elsewhere (a GPU) a row goes there and back.

@@ -75,9 +75,9 @@ std::vector<float> RowProbe::means() const {
     return out;
 }
 
-bool RowProbe::observe(ggml_tensor * t, int32_t slot, const char * name) {
+bool RowProbe::observe(ggml_tensor * t, int32_t slot) {
     if (t->type != GGML_TYPE_F32 || t->ne[0] != n_embd_ || t->nb[0] != sizeof(float)) {
-        error_ = std::string(name) + ": expected contiguous F32 rows of " + std::to_string(n_embd_);
+        error_ = std::string(ggml_get_name(t)) + ": expected contiguous F32 rows of " + std::to_string(n_embd_);
         return true;
     }
     // Each llama_decode call of a Session is one ubatch: this tensor holds one row per token
@@ -104,11 +104,10 @@ bool RowProbe::callback(ggml_tensor * t, bool ask, void * user_data) {
     if (!probe->armed_) {
         return !ask; // ask: not needed, so the graph runs unsplit; otherwise go on
     }
-    const char * name = ggml_get_name(t);
-    if (std::strncmp(name, "l_out-", 6) != 0) {
+    const int il = block_output_of(t);
+    if (il < 0) {
         return !ask;
     }
-    const int il = std::atoi(name + 6);
     const int32_t slot = il >= 0 && static_cast<size_t>(il) < probe->layer_slot_.size() ? probe->layer_slot_[il] : -1;
     if (ask) {
         return slot >= 0;
@@ -116,7 +115,7 @@ bool RowProbe::callback(ggml_tensor * t, bool ask, void * user_data) {
     if (slot < 0 || !probe->error_.empty()) {
         return true;
     }
-    return probe->observe(t, slot, name);
+    return probe->observe(t, slot);
 }
 
 } // namespace caa

@@ -40,7 +40,7 @@ class RowProbe {
     static bool callback(ggml_tensor * t, bool ask, void * user_data);
 
   private:
-    bool observe(ggml_tensor * t, int32_t slot, const char * name);
+    bool observe(ggml_tensor * t, int32_t slot);
 
     std::vector<int32_t> layers_;
     std::vector<int32_t> layer_slot_; // block il -> index in layers_, or -1

@@ -14,11 +14,10 @@ namespace {
 
 bool read_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * probe = static_cast<ReadProbe *>(user_data);
-    const char * name = ggml_get_name(t);
-    if (std::strncmp(name, "l_out-", 6) != 0) {
-        return ask ? false : true;
+    const int il = block_output_of(t);
+    if (il < 0) {
+        return !ask;
     }
-    const int il = std::atoi(name + 6);
     const int32_t slot = il >= 0 && static_cast<size_t>(il) < probe->layer_slot.size() ? probe->layer_slot[il] : -1;
     if (ask) {
         return slot >= 0 && probe->picks != nullptr && !probe->picks->empty();
@@ -27,7 +26,7 @@ bool read_callback(ggml_tensor * t, bool ask, void * user_data) {
         return true;
     }
     if (t->type != GGML_TYPE_F32 || t->ne[0] != probe->n_embd || t->nb[0] != sizeof(float)) {
-        probe->error = std::string(name) + ": expected contiguous F32 rows of " + std::to_string(probe->n_embd);
+        probe->error = std::string(ggml_get_name(t)) + ": expected contiguous F32 rows of " + std::to_string(probe->n_embd);
         return true;
     }
     // Block outputs hold a row per token, except where llama.cpp keeps only the output rows
@@ -35,7 +34,7 @@ bool read_callback(ggml_tensor * t, bool ask, void * user_data) {
     const int64_t n_rows = ggml_nrows(t);
     const bool by_output = n_rows != probe->n_tokens;
     if (by_output && n_rows != probe->n_outputs) {
-        probe->error = std::string(name) + " has " + std::to_string(n_rows) + " rows, expected " +
+        probe->error = std::string(ggml_get_name(t)) + " has " + std::to_string(n_rows) + " rows, expected " +
                        std::to_string(probe->n_tokens) + " tokens or " + std::to_string(probe->n_outputs) + " outputs";
         return true;
     }
@@ -44,7 +43,7 @@ bool read_callback(ggml_tensor * t, bool ask, void * user_data) {
     for (const ReadPick & p : *probe->picks) {
         const int32_t r = by_output ? p.output : p.row;
         if (r < 0 || r >= n_rows) {
-            probe->error = std::string(name) + ": row " + std::to_string(r) + " is not in this batch";
+            probe->error = std::string(ggml_get_name(t)) + ": row " + std::to_string(r) + " is not in this batch";
             return true;
         }
         ggml_backend_tensor_get(t, probe->row.data(), static_cast<size_t>(r) * t->nb[1], row_bytes);

@@ -19,14 +19,13 @@ struct LayerProbe {
 
 bool probe_callback(ggml_tensor * t, bool ask, void * user_data) {
     auto * probe = static_cast<LayerProbe *>(user_data);
-    const char * name = ggml_get_name(t);
-    if (std::strncmp(name, "l_out-", 6) != 0) {
-        return ask ? false : true;
+    const int il = block_output_of(t);
+    if (il < 0) {
+        return !ask;
     }
     if (ask) {
         return true;
     }
-    const int il = std::atoi(name + 6);
     if (t->type != GGML_TYPE_F32 || t->ne[0] != probe->n_embd || il < 0 ||
         static_cast<size_t>(il + 1) * probe->n_embd > probe->out.size()) {
         return true;

@@ -5,6 +5,8 @@
 #include "model.h"
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -48,6 +50,13 @@ struct BatchPtr {
     BatchPtr(const BatchPtr &) = delete;
     BatchPtr & operator=(const BatchPtr &) = delete;
 };
+
+// The block whose output `t` is (llama.cpp names those tensors l_out-N), or -1 for any other
+// tensor: what every graph evaluation callback here looks for.
+inline int block_output_of(const ggml_tensor * t) {
+    const char * name = ggml_get_name(t);
+    return std::strncmp(name, "l_out-", 6) == 0 ? std::atoi(name + 6) : -1;
+}
 
 // Appends one token of sequence `seq` at position `pos` to `batch`; `output`: llama.cpp keeps
 // its logits (and the last block's output row).
