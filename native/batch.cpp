@@ -29,13 +29,20 @@ bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
         p->error = std::string(ggml_get_name(t)) + ": expected contiguous F32 rows of " + std::to_string(p->n_embd);
         return true;
     }
-    // The last block keeps only the output rows when not every token is an output.
+    // llama.cpp splits a batch whose sequence ids have gaps into one ubatch per run of
+    // consecutive ids, in batch order, and computes a graph for each: this tensor holds the rows
+    // of the current ubatch, which start where the earlier ubatches' rows at this block ended.
+    // The last block keeps only the output rows when not every token is an output (then the
+    // batch is one sequence's prompt: one ubatch).
     const int64_t n_rows = ggml_nrows(t);
     const int64_t n_batch_rows = static_cast<int64_t>(p->rows.size());
-    const bool by_output = n_rows != n_batch_rows;
-    if (by_output && n_rows != p->n_outputs) {
-        p->error = std::string(ggml_get_name(t)) + " has " + std::to_string(n_rows) + " rows, expected " +
-                   std::to_string(n_batch_rows) + " tokens or " + std::to_string(p->n_outputs) + " outputs";
+    const int64_t first = p->consumed[il];
+    p->consumed[il] += n_rows;
+    const bool by_output = first == 0 && n_rows != n_batch_rows && n_rows == p->n_outputs;
+    if (!by_output && first + n_rows > n_batch_rows) {
+        p->error = std::string(ggml_get_name(t)) + " has " + std::to_string(n_rows) + " rows after " +
+                   std::to_string(first) + ", expected " + std::to_string(n_batch_rows) + " tokens or " +
+                   std::to_string(p->n_outputs) + " outputs";
         return true;
     }
     ggml_backend_buffer_t buf = t->view_src != nullptr ? t->view_src->buffer : t->buffer;
@@ -46,12 +53,14 @@ bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
     // Host memory (CPU) is changed in place; elsewhere (a GPU) a row goes there and back.
     const bool host = ggml_backend_buffer_is_host(buf);
     const size_t row_bytes = static_cast<size_t>(p->n_embd) * sizeof(float);
-    for (int64_t r = 0; r < n_batch_rows; ++r) {
+    const int64_t begin = by_output ? 0 : first;
+    const int64_t end = by_output ? n_batch_rows : first + n_rows;
+    for (int64_t r = begin; r < end; ++r) {
         const Steering * s = p->rows[r];
         if (s == nullptr || il < s->il_start || il > s->il_end) {
             continue;
         }
-        const int64_t row = by_output ? p->row_output[r] : r;
+        const int64_t row = by_output ? p->row_output[r] : r - first;
         if (row < 0) {
             continue; // not an output: llama.cpp drops its last-block row, as it drops the vector's
         }
@@ -229,6 +238,7 @@ void Batch::decode(llama_batch & batch, const std::vector<const Steering *> & ro
         probe_.rows = rows;
         probe_.row_output.assign(rows.size(), -1);
         probe_.n_outputs = 0;
+        probe_.consumed.assign(probe_.layer_on.size(), 0);
         for (int32_t k = 0; k < batch.n_tokens; ++k) {
             if (batch.logits[k]) {
                 probe_.row_output[k] = probe_.n_outputs++;

@@ -53,6 +53,7 @@ struct RowSteer {
     std::vector<const Steering *> rows;       // per batch row: its steering (nullptr: none)
     std::vector<int32_t> row_output;          // per batch row: its index among the outputs, or -1
     int32_t n_outputs = 0;
+    std::vector<int64_t> consumed;            // block il -> batch rows its earlier ubatches held
     std::vector<float> buffer;                // one row, for tensors outside host memory
     int64_t rows_added = 0;                   // row additions made (for tests: never a silent no-op)
     std::string error;                        // set by the callback; checked after llama_decode

@@ -230,6 +230,22 @@ def test_sequences_leave_and_join_between_steps(model: Model, mixed: list[Conver
         compare(solo(full), (result, np.zeros((0, 1), np.float32)), tolerance)  # greedy: a prefix of the full answer
 
 
+def test_a_gap_in_the_live_sequences_keeps_each_rows_steering(model: Model, mixed: list[Conversation],
+                                                                solo: Callable[[Conversation], Decoded],
+                                                                tolerance: float) -> None:
+    """Sequence 1 leaves first: llama.cpp then splits each decode of the mixed rows around the
+    hole (one ubatch per run of consecutive sequence ids); every row keeps its own direction."""
+    budgets = [N, 2, N, N]
+    items = [dataclasses.replace(item, sampling=dataclasses.replace(GREEDY, max_tokens=b))
+             for b, item in zip(budgets, mixed)]
+    batch = Batch(model, n_seq=len(items), n_ctx=512, n_threads=2)
+    together = batch.run_logits(items)
+    assert batch.counters()["decodes_rows"] > 0
+    assert len(together[1][0].tokens) == 2 and len(together[2][0].tokens) > 3  # decoded after the hole opened
+    for item, got in zip(items, together):
+        compare(solo(item), got, tolerance)
+
+
 def test_cancel_stops_one_request_and_the_others_go_on(model: Model, mixed: list[Conversation]) -> None:
     batch = Batch(model, n_seq=2, n_ctx=512, n_threads=2)
     keep, drop, queued = (batch.submit(item) for item in mixed[:3])
