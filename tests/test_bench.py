@@ -23,6 +23,7 @@ RATIO_ROWS = ("decode_steered_vs_unsteered", "decode_native_vs_llama_cpp_python"
               "extract_batched_vs_loop", "extract_native_vs_torch",
               "serve_decode_vs_engine", "serve_concurrent_vs_serial", "condition_prefill_overhead",
               "decode_rpc_local_vs_cpu", "batch_vs_llama_cpp_batched", "batch_steering_overhead",
+              "llama_cpp_batched_vs_single",
               "serve_batch_mixed_vs_serial", "calibrate_vs_before")
 VALUE_ROWS = ("chat_startup_s", "steer_change_ms", "peak_rss_generate_mib", "peak_rss_extract_mib",
               "peak_rss_extract_native_mib", "serve_first_token_ms")

@@ -228,19 +228,20 @@ def test_certain_failure_only_when_no_remaining_turn_can_rescue() -> None:
 
 
 def test_search_finds_the_walks_limits_within_one_grid_step() -> None:
-    """On a shipped vector with --quick sizes: the batched search against the exhaustive walk."""
+    """On a shipped vector with small sizes (enough conversations for the search to screen on a
+    third of them): the batched search against the exhaustive walk."""
     import dataclasses
 
     from caa_local.chat.repl import CHAT_SAMPLING
     from caa_local.core.locate import load_vector
     from caa_local.engine.engine import Engine
     from caa_local.eval.calibrate import DEFAULT_MULTIPLIERS, QUICK
-    from caa_local.eval.coherence import GENERIC_PROMPTS, strength_curve, strength_walk
+    from caa_local.eval.coherence import GENERIC_PROMPTS, SCREEN_MIN_CONVERSATIONS, strength_curve, strength_walk
 
     engine = Engine(n_ctx=1024, n_threads=2)
     _, vector = load_vector("sentiment")
     layer = vector.recommended_layer() or vector.layers[0]
-    conversations = build_conversations(GENERIC_PROMPTS, QUICK["conversations"], QUICK["turns"])
+    conversations = build_conversations(GENERIC_PROMPTS, SCREEN_MIN_CONVERSATIONS, QUICK["turns"])
     sampling = dataclasses.replace(CHAT_SAMPLING, max_tokens=QUICK["max_tokens"])
     grid = (*(-m for m in DEFAULT_MULTIPLIERS), *DEFAULT_MULTIPLIERS)
     log: list[str] = []
@@ -252,5 +253,10 @@ def test_search_finds_the_walks_limits_within_one_grid_step() -> None:
         index = {None: -1, **{m: i for i, m in enumerate(ordered)}}
         assert abs(index[walked] - index[searched]) <= 1, (side, walked, searched, log)
     assert all(p["passed"] == (not p["failures"]) for p in search)
+    n_turns = SCREEN_MIN_CONVERSATIONS * QUICK["turns"]
+    assert any(p.get("screened") for p in search), log
+    for limit in limits(search):  # what it recommends answered every conversation
+        if limit is not None:
+            assert next(p for p in search if p["multiplier"] == limit)["n"] == n_turns, log
     print(f"walk: {len(walk)} settings, search: {len(search)} settings "
           f"({sum(1 for p in search if p.get('stopped_early'))} stopped early); limits {limits(walk)} vs {limits(search)}")

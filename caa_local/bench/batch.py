@@ -4,6 +4,9 @@
   vs stock llama.cpp decoding 8 unsteered sequences per ``llama_decode`` through its C API
   (llama-cpp-python's ctypes bindings): same GGUF, per-sequence KV streams, threads, greedy
   samplers; aggregate decode tokens/s, prompts prefilled untimed on both sides.
+- ``llama_cpp_batched_vs_single``: the same stock llama.cpp decoding 8 sequences per
+  ``llama_decode`` vs one: what batching can gain on this machine at all, the ceiling the
+  serve and calibration rows are to be read against.
 - ``batch_steering_overhead``: one sequence steered through the per-row mechanism (directions
   added at the blocks' outputs in the graph callback) vs through llama.cpp's control vector.
 - ``calibrate_vs_before``: a whole calibration, the batched search vs the exhaustive walk.
@@ -146,9 +149,14 @@ def batch_group(cfg: Config) -> dict[str, Any]:
     stock = LlamaCppBatched(str(model.path), n_seq, batch.n_ctx, threads)
     ours, base = interleaved(cfg.repeats, lambda: batch_decode_rate(batch, items),
                              lambda: stock.decode_rate([list(t) for t, _ in prompts], cfg.decode_tokens))
+    figures["batch_vs_llama_cpp_batched"] = {"value": ours, "baseline": base}
+    # The ceiling of batching on this machine: stock llama.cpp's own n_seq sequences vs one.
+    together, alone = interleaved(cfg.repeats, lambda: stock.decode_rate([list(t) for t, _ in prompts],
+                                                                         cfg.decode_tokens),
+                                  lambda: stock.decode_rate([list(prompts[0][0])], cfg.decode_tokens))
+    figures["llama_cpp_batched_vs_single"] = {"value": together, "baseline": alone}
     stock.close()
     counters = batch.counters()
-    figures["batch_vs_llama_cpp_batched"] = {"value": ours, "baseline": base}
     del batch
 
     single = Batch(model, n_seq=1, n_ctx=n_ctx_seq, n_threads=threads)

@@ -102,6 +102,10 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "{batch_sequences} sequences, each steered differently (per-row directions), {batch_tokens} greedy tokens "
         "each: aggregate decode tokens/s of Batch.run vs stock llama.cpp decoding {batch_sequences} unsteered "
         "sequences per llama_decode through its C API (same GGUF, one KV stream per sequence, threads)"),
+    "llama_cpp_batched_vs_single": (
+        "tok/s", None, None,
+        "stock llama.cpp through its C API: {batch_sequences} unsteered sequences per llama_decode vs one "
+        "(aggregate decode tokens/s, same context and threads): what batching gains on this machine at all"),
     "calibrate_vs_before": (
         "calibrations/s", ">=", 3.0,
         "`calibrate {calibrate_vector}` in-process (layer, strength, card): the search with batched "

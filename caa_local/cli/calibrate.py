@@ -66,8 +66,8 @@ def run_calibration(vector_path: Path, out: Path | None, force: bool, engine: An
 @click.option("seed", "--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Sampling seed (default 0).")
 @click.option("quick", "--quick", is_flag=True, help="Small data everywhere: a rough calibration in a few minutes.")
 @click.option("strategy", "--strategy", type=click.Choice(("search", "walk")), default=None,
-              help="How the strength is found: search (default: coarse steps then bisection, conversations "
-                   "batched) or walk (every multiplier outwards, one conversation at a time: the slow reference).")
+              help="How the strength is found: search (default: coarse steps then bisection on a third of the "
+                   "conversations, the pick on all of them, batched) or walk (every multiplier outwards, one conversation at a time: the slow reference).")
 @click.option("out", "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the calibrated vector here (default: update VECTOR's own file).")
 @click.option("json_path", "--json", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -6,8 +6,9 @@
    -probe / +probe pick the layer whose metric moves most without degenerate answers.
 2. **Strength.** ``caa_local.eval.coherence``: multi-turn conversations on held-out prompts
    with the chat's own sampling, at multiplier 0 and then a search along each side's grid
-   (coarse steps, then bisection; every round's conversations decoded together in one batch,
-   a multiplier dropped once its failure is certain) for the first failure of the guard
+   (coarse steps, then bisection, on a third of the conversations; the multiplier it lands on
+   answers them all; every round's conversations decoded together in one batch, a multiplier
+   dropped once its failure is certain) for the first failure of the guard
    (perplexity under the unsteered model, broken turns, repetition). The recommended
    multiplier is the largest positive one that passes; the negative limit the
    largest-magnitude negative one. ``strategy="walk"`` runs the exhaustive walk instead (every

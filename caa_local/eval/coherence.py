@@ -9,8 +9,10 @@ far above the unsteered answers': hashtag spam and word salad do not loop) and 4
 repetition. A side's limit is its largest multiplier that passes before the first failure.
 
 ``strength_curve`` finds that limit by a search: coarse steps outwards along the grid, then
-bisection between the last pass and the first failure, both sides in the same rounds; every
-round's conversations (all its multipliers, turn by turn) decode together in one
+bisection between the last pass and the first failure, both sides in the same rounds, each
+multiplier screened on a third of the conversations; only the multiplier it would recommend
+answers them all (and the next smaller one if the whole set fails it). Every round's
+conversations (all its multipliers, turn by turn) decode together in one
 ``caa_local.engine.batch.Batch``, and a multiplier stops early once its failure is certain.
 ``strength_walk`` is the exhaustive walk it replaces (one conversation at a time, every
 multiplier outwards until the first failure), kept as the reference the search is checked
@@ -183,40 +185,49 @@ def strength_walk(engine: Any, vector: ControlVector, layer: int, conversations:
 
 # Coarse steps of the search: every STRIDE-th multiplier of a side's grid until one fails.
 STRIDE = 2
+# The search screens a multiplier on this share of the conversations (when there are at least
+# SCREEN_MIN_CONVERSATIONS) and answers the rest only where it would recommend the multiplier.
+SCREEN_SHARE = 3
+SCREEN_MIN_CONVERSATIONS = 6
+
+Job = tuple[Sequence[Any], Sequence[int]]  # (steering terms, empty: unsteered; conversation indices)
 
 
-def converse_batched(engine: Any, batch: Any, settings: Sequence[Sequence[Any]],
-                     conversations: Sequence[Sequence[str]], sampling: Any, seed: int,
+def converse_batched(engine: Any, batch: Any, jobs: Sequence[Job], conversations: Sequence[Sequence[str]],
+                     sampling: Any, seed: int,
                      keep_going: Callable[[int, list[dict[str, Any]]], bool] | None = None
                      ) -> list[list[dict[str, Any]]]:
-    """``converse`` for several settings (term lists; empty: unsteered) at once: each turn of
-    every conversation of every setting still going decodes in one ``batch.run``; each row
-    gets the answer's perplexity under the unsteered model. After each turn
-    ``keep_going(setting, rows so far)`` may drop a setting (its rows stay as they are)."""
-    rows: list[list[dict[str, Any]]] = [[] for _ in settings]
-    history: list[list[list[Message]]] = [[[] for _ in conversations] for _ in settings]
-    active = list(range(len(settings)))
+    """``converse`` for several jobs (a setting and which of ``conversations`` to answer under
+    it) at once: each turn of every conversation of every job still going decodes in one
+    ``batch.run``; each row gets the answer's perplexity under the unsteered model. A turn's seed
+    depends on its conversation's index in ``conversations``, so a job over a subset answers
+    exactly as the whole set would. After each turn ``keep_going(job, rows so far)`` may drop a
+    job (its rows stay as they are)."""
+    rows: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    history: list[dict[int, list[Message]]] = [{c: [] for c in ids} for _, ids in jobs]
+    active = list(range(len(jobs)))
     for t in range(max((len(c) for c in conversations), default=0)):
         items, where = [], []
-        for s in active:
-            for c, turns in enumerate(conversations):
-                if t >= len(turns):
+        for j in active:
+            terms, ids = jobs[j]
+            for c in ids:
+                if t >= len(conversations[c]):
                     continue
-                history[s][c].append({"role": "user", "content": turns[t]})
-                tokens, steer_from = engine.prompt(history[s][c])
+                history[j][c].append({"role": "user", "content": conversations[c][t]})
+                tokens, steer_from = engine.prompt(history[j][c])
                 turn_sampling = dataclasses.replace(sampling, seed=(seed + 1009 * c + t) & 0xFFFFFFFF)
-                items.append(Conversation(tokens, steer_from, tuple(settings[s]), turn_sampling))
-                where.append((s, c))
+                items.append(Conversation(tokens, steer_from, tuple(terms), turn_sampling))
+                where.append((j, c))
         if not items:
             break
         answers = [r.text for r in batch.run(items)]
-        ppl = perplexity(engine, [history[s][c] for s, c in where], answers)
-        for (s, c), answer, p in zip(where, answers, ppl):
-            rows[s].append({"conversation": c, "turn": t, "messages": list(history[s][c]), "answer": answer,
+        ppl = perplexity(engine, [history[j][c] for j, c in where], answers)
+        for (j, c), answer, p in zip(where, answers, ppl):
+            rows[j].append({"conversation": c, "turn": t, "messages": list(history[j][c]), "answer": answer,
                             "perplexity": float(p)})
-            history[s][c].append({"role": "assistant", "content": answer})
+            history[j][c].append({"role": "assistant", "content": answer})
         if keep_going is not None:
-            active = [s for s in active if keep_going(s, rows[s])]
+            active = [j for j in active if keep_going(j, rows[j])]
     return rows
 
 
@@ -224,45 +235,63 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
                    multipliers: Sequence[float], guard: Guard, metric: str = "", sampling: Any = None,
                    seed: int = 0, log: Log | None = None, n_seq: int = 0) -> list[dict[str, Any]]:
     """Guard figures at 0, then a search for each side's limit (the walk's answer where pass and
-    fail are monotone along the grid); sorted by multiplier. A point that stopped early (its
-    failure certain before its last turn) has ``"stopped_early": True`` and figures over the
-    turns it answered. ``n_seq``: sequences decoded together (0: one per conversation, at most 16).
+    fail are monotone along the grid and the screen agrees with the whole set); sorted by
+    multiplier.
+
+    Multiplier 0 answers every conversation. The search screens a multiplier on the first third
+    of the conversations (``SCREEN_SHARE``; all of them below ``SCREEN_MIN_CONVERSATIONS``):
+    coarse steps outwards, then bisection between the last pass and the first failure, both
+    sides in the same rounds. The largest screened pass of a side then answers the remaining
+    conversations; if the whole set fails it, the next smaller multiplier is answered in full,
+    and so on: a recommended multiplier has always passed on every conversation. A point that
+    was only screened has ``"screened": True``; one whose failure was certain before its last
+    turn (against the whole set's turn count) ``"stopped_early": True``; the figures are over
+    the turns it answered. ``n_seq``: sequences decoded together (0: one per conversation, at
+    most 16).
 
     ``sampling`` defaults to the chat's (``CHAT_SAMPLING``); each turn gets its own seed, the
     same at every multiplier, so the multipliers are compared on paired samples.
     """
     sampling = sampling or CHAT_SAMPLING
     n_turns = sum(len(c) for c in conversations)
+    everyone = list(range(len(conversations)))
+    screen = everyone if len(everyone) < SCREEN_MIN_CONVERSATIONS else everyone[: -(-len(everyone) // SCREEN_SHARE)]
     batch = _conversation_batch(engine, conversations, sampling.max_tokens, n_seq)
+    rows: dict[float, list[dict[str, Any]]] = {}
+    points: dict[float, dict[str, Any]] = {}
 
-    def measure(mults: Sequence[float], base: dict[str, Any] | None) -> list[dict[str, Any]]:
-        settings = [[engine.make_term("calibrate", vector, m, [layer])] if m else [] for m in mults]
+    def measure(asks: Sequence[tuple[float, Sequence[int]]], base: dict[str, Any] | None) -> None:
+        """Answer each (multiplier, conversations) ask and (re)score its multiplier's point."""
+        jobs = [([engine.make_term("calibrate", vector, m, [layer])] if m else [], ids) for m, ids in asks]
 
-        def keep_going(s: int, rows: list[dict[str, Any]]) -> bool:
+        def keep_going(j: int, new: list[dict[str, Any]]) -> bool:
+            done = rows.get(asks[j][0], []) + new
             return base is None or not guard.certain_failure(
-                [r["perplexity"] for r in rows], [_broken(r, base, guard) for r in rows],
-                [M.repetition(r["answer"]) for r in rows], n_turns, base)
+                [r["perplexity"] for r in done], [_broken(r, base, guard) for r in done],
+                [M.repetition(r["answer"]) for r in done], n_turns, base)
 
-        points = []
-        for mult, rows in zip(mults, converse_batched(engine, batch, settings, conversations, sampling, seed,
-                                                      keep_going)):
-            point = {"multiplier": mult, **guard_point(engine, rows, metric, base, guard)}
+        for (mult, ids), new in zip(asks, converse_batched(engine, batch, jobs, conversations, sampling, seed,
+                                                           keep_going)):
+            done = rows.setdefault(mult, [])
+            done += new
+            point = {"multiplier": mult, **guard_point(engine, done, metric, base, guard)}
             point["failures"] = guard.failures(point, base or point)
-            if len(rows) < n_turns:
+            if len(new) < sum(len(conversations[c]) for c in ids):
                 point["stopped_early"] = True
                 point["failures"] = point["failures"] or ["failure certain before the last turn"]
+            if len(done) < n_turns and not point.get("stopped_early"):
+                point["screened"] = True
             point["passed"] = not point["failures"]
-            point["example"] = rows[-1]["answer"][:240]
+            point["example"] = done[-1]["answer"][:240]
+            points[mult] = point
             if log:
-                log(f"x{mult:+g}: " + describe(point, metric) + f" ({len(rows)} of {n_turns} turns)")
-            points.append(point)
-        return points
+                log(f"x{mult:+g}: " + describe(point, metric) + f" ({len(done)} of {n_turns} turns)")
 
-    base = measure([0.0], None)[0]
-    curve = [base]
+    measure([(0.0, everyone)], None)
+    base = points[0.0]
     grids = {side: sorted((m for m in multipliers if m * side > 0), key=abs) for side in (1.0, -1.0)}
     bounds = {side: [-1, len(grid)] for side, grid in grids.items()}  # last pass, first failure
-    while True:
+    while True:  # the screen: coarse steps, then bisection
         probes = []
         for side, (lo, hi) in bounds.items():
             if hi - lo > 1:
@@ -270,10 +299,23 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
                 probes.append((side, (lo + hi) // 2 if failed_yet else min(lo + STRIDE, hi - 1)))
         if not probes:
             break
-        for (side, index), point in zip(probes, measure([grids[side][i] for side, i in probes], base)):
-            curve.append(point)
-            bounds[side][0 if point["passed"] else 1] = index
-    return sorted(curve, key=lambda p: p["multiplier"])
+        measure([(grids[side][i], screen) for side, i in probes], base)
+        for side, i in probes:
+            bounds[side][0 if points[grids[side][i]]["passed"] else 1] = i
+    while True:  # the whole set: a side's largest screened pass, downwards until one passes in full
+        asks = []
+        for side, (lo, _) in bounds.items():
+            if lo >= 0 and points.get(grids[side][lo], {"screened": True}).get("screened"):
+                mult = grids[side][lo]
+                asked = {r["conversation"] for r in rows.get(mult, [])}
+                asks.append((side, mult, [c for c in everyone if c not in asked]))
+        if not asks:
+            break
+        measure([(mult, ids) for _, mult, ids in asks], base)
+        for side, mult, _ in asks:
+            if not points[mult]["passed"]:
+                bounds[side][0] -= 1
+    return sorted(points.values(), key=lambda p: p["multiplier"])
 
 
 def _broken(row: dict[str, Any], base: dict[str, Any], guard: Guard) -> bool:
