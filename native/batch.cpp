@@ -4,6 +4,7 @@
 #include <ggml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -137,6 +138,8 @@ struct Batch::Live {
     Clock::time_point decode_start;
     double prompt_seconds = 0.0;
     std::vector<float> logits;
+    double logprob = 0.0; // a scoring request's
+    int32_t n_scored = 0;
 };
 
 Batch::~Batch() = default;
@@ -176,6 +179,10 @@ int64_t Batch::submit(BatchRequest request) {
     if (request.steer_from > request.tokens.size()) {
         throw std::invalid_argument("steer_from " + std::to_string(request.steer_from) + " is outside the prompt of " +
                                     std::to_string(request.tokens.size()) + " tokens");
+    }
+    if (request.score_from == 0 || request.score_from >= static_cast<int64_t>(request.tokens.size())) {
+        throw std::invalid_argument("score_from " + std::to_string(request.score_from) + " leaves no token to score in " +
+                                    std::to_string(request.tokens.size()));
     }
     if (request.max_tokens < 1) {
         throw std::invalid_argument("max tokens must be at least 1, got " + std::to_string(request.max_tokens));
@@ -315,8 +322,11 @@ void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
     Sequence & s = seqs_[seq];
     Live & live = *s.live;
     const BatchRequest & r = live.request;
-    // The last prompt token is always decoded again: its logits start the answer.
-    size_t keep = std::min(reusable(s, r, live.steering_id), r.tokens.size() - 1);
+    // The last prompt token is always decoded again: its logits start the answer. A scoring
+    // request decodes again from the token before the first scored one.
+    const bool scoring = r.score_from > 0;
+    const size_t first_out = scoring ? static_cast<size_t>(r.score_from) - 1 : r.tokens.size() - 1;
+    size_t keep = std::min(reusable(s, r, live.steering_id), first_out);
     llama_memory_t mem = llama_get_memory(ctx_.get());
     if (keep < s.tokens.size() && !llama_memory_seq_rm(mem, static_cast<llama_seq_id>(seq), static_cast<llama_pos>(keep), -1)) {
         llama_memory_seq_rm(mem, static_cast<llama_seq_id>(seq), -1, -1);
@@ -339,14 +349,25 @@ void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
             rows.assign(end - start, part == 0 ? nullptr : steered);
             ids.assign(end - start, part == 0 || steered == nullptr ? 0 : live.steering_id);
             for (size_t i = start; i < end; ++i) {
-                add_token(batch, r.tokens[i], static_cast<llama_pos>(i), static_cast<llama_seq_id>(seq),
-                          i + 1 == r.tokens.size());
+                const bool output = scoring ? i >= first_out && i + 1 < r.tokens.size() : i + 1 == r.tokens.size();
+                add_token(batch, r.tokens[i], static_cast<llama_pos>(i), static_cast<llama_seq_id>(seq), output);
             }
             decode(batch, rows, ids);
+            if (scoring && end > first_out) {
+                const size_t from = std::max(start, first_out);
+                add_logprobs(live, from, static_cast<int32_t>(std::min(end, r.tokens.size() - 1) - from),
+                             static_cast<int32_t>(from - start));
+            }
             s.tokens.insert(s.tokens.end(), r.tokens.begin() + start, r.tokens.begin() + end);
             s.steering_ids.insert(s.steering_ids.end(), end - start, part == 0 ? 0 : live.steering_id);
             last_row = batch.n_tokens - 1;
         }
+    }
+    if (scoring) {
+        live.decode_start = Clock::now();
+        live.prompt_seconds = seconds(live.decode_start - live.start);
+        finish(seq, "scored", events);
+        return;
     }
     live.sampler = make_sampler(r.sampling, model_->n_vocab());
     const size_t tail = std::min<size_t>(s.tokens.size(), std::max(r.sampling.repeat_last_n, 0));
@@ -356,6 +377,24 @@ void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
     live.decode_start = Clock::now();
     live.prompt_seconds = seconds(live.decode_start - live.start);
     sample(seq, last_row, events);
+}
+
+void Batch::add_logprobs(Live & live, size_t first_pos, int32_t n_rows, int32_t first_row) {
+    const int32_t n_vocab = model_->n_vocab();
+    for (int32_t k = 0; k < n_rows; ++k) {
+        const float * logits = llama_get_logits_ith(ctx_.get(), first_row + k);
+        if (logits == nullptr) {
+            throw std::runtime_error("llama.cpp kept no logits for batch row " + std::to_string(first_row + k));
+        }
+        const float top = *std::max_element(logits, logits + n_vocab);
+        double sum = 0.0;
+        for (int32_t v = 0; v < n_vocab; ++v) {
+            sum += std::exp(static_cast<double>(logits[v] - top));
+        }
+        const llama_token next = live.request.tokens[first_pos + static_cast<size_t>(k) + 1];
+        live.logprob += static_cast<double>(logits[next] - top) - std::log(sum);
+        ++live.n_scored;
+    }
 }
 
 bool Batch::sample(uint32_t seq, int32_t idx, std::vector<BatchEvent> & events) {
@@ -418,6 +457,8 @@ void Batch::finish(uint32_t seq, const std::string & reason, std::vector<BatchEv
     e.prompt_seconds = live->prompt_seconds;
     e.decode_seconds = seconds(Clock::now() - live->decode_start);
     e.logits = std::move(live->logits);
+    e.logprob = live->logprob;
+    e.n_scored = live->n_scored;
     events.push_back(std::move(e));
 }
 

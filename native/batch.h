@@ -29,6 +29,9 @@ struct BatchRequest {
     int32_t max_tokens = 256;
     std::vector<std::string> stops;  // stop strings: the answer ends before the first one met
     bool record_logits = false;      // keep the logits of every sampled position (checks, tests)
+    // >= 1: score instead of answering: the log-probability of tokens[score_from..] given the
+    // tokens before (under `steering`), from the prefill alone; the KV stays cached for reuse.
+    int64_t score_from = -1;
 };
 
 // What one step produced for one request.
@@ -44,6 +47,8 @@ struct BatchEvent {
     double prompt_seconds = 0.0;
     double decode_seconds = 0.0;
     std::vector<float> logits; // n_vocab per sampled position, when the request recorded them
+    double logprob = 0.0;      // a scoring request's sum of log-probabilities ...
+    int32_t n_scored = 0;      // ... over this many tokens
 };
 
 // State the evaluation callback sees while one llama_decode runs in per-row mode.
@@ -102,6 +107,8 @@ class Batch {
         std::vector<uint64_t> steering_ids;  // per cached position: steering id it was decoded with
         std::unique_ptr<Live> live;          // the request it runs, or none (free)
     };
+    // Adds the log-probability of each token after an output row of the last decode to `live`.
+    void add_logprobs(Live & live, size_t first_pos, int32_t n_rows, int32_t first_row);
 
     void admit(std::vector<BatchEvent> & events);
     void prefill(uint32_t seq, std::vector<BatchEvent> & events);

@@ -17,8 +17,8 @@ using namespace nb::literals;
 
 namespace {
 
-// (id, piece, done, stop_reason, tokens, n_prompt, n_reused, prompt_seconds, decode_seconds, logits)
-// logits: None, or (positions, n_vocab) float32 when the request recorded them.
+// (id, piece, done, stop_reason, tokens, n_prompt, n_reused, prompt_seconds, decode_seconds, logits,
+//  logprob, n_scored); logits: None, or (positions, n_vocab) float32 when the request recorded them.
 nb::tuple to_tuple(caa::BatchEvent & e, size_t n_vocab) {
     nb::object logits = nb::none();
     if (!e.logits.empty()) {
@@ -26,7 +26,7 @@ nb::tuple to_tuple(caa::BatchEvent & e, size_t n_vocab) {
         logits = nb::cast(caa::to_numpy(std::move(e.logits), {n_positions, n_vocab}));
     }
     return nb::make_tuple(e.id, caa::lenient_str(e.piece), e.done, e.stop_reason, e.tokens, e.n_prompt, e.n_reused,
-                          e.prompt_seconds, e.decode_seconds, logits);
+                          e.prompt_seconds, e.decode_seconds, logits, e.logprob, e.n_scored);
 }
 
 nb::list to_list(std::vector<caa::BatchEvent> & events, size_t n_vocab) {
@@ -45,18 +45,20 @@ void bind_batch(nb::module_ & m) {
             "__init__",
             [](caa::BatchRequest * r, const caa::Model & model, std::vector<llama_token> tokens, size_t steer_from,
                const caa::SamplingParams & sampling, int32_t max_tokens, std::vector<std::string> stops,
-               nb::object buf, int32_t il_start, int32_t il_end, bool record_logits) {
+               nb::object buf, int32_t il_start, int32_t il_end, bool record_logits, int64_t score_from) {
                 new (r) caa::BatchRequest{std::move(tokens), steer_from, {}, sampling, max_tokens, std::move(stops),
-                                          record_logits};
+                                          record_logits, score_from};
                 if (!buf.is_none()) {
                     r->steering = caa::to_steering(model, nb::cast<caa::FloatMatrix>(buf), il_start, il_end);
                 }
             },
             "model"_a, "tokens"_a, "steer_from"_a, "sampling"_a, "max_tokens"_a, "stops"_a = std::vector<std::string>{},
             "buf"_a = nb::none(), "il_start"_a = -1, "il_end"_a = -1, "record_logits"_a = false,
+            "score_from"_a = -1,
             "One conversation: prompt tokens (positions < steer_from unsteered), sampling, token budget, "
             "stop strings and steering (buf (n_layer-1, n_embd) float32 from layer 1, layers "
-            "il_start..il_end; None: unsteered). record_logits keeps every sampled position's logits.");
+            "il_start..il_end; None: unsteered). record_logits keeps every sampled position's logits. "
+            "score_from >= 1: score tokens[score_from:] instead of answering (logprob, n_scored).");
 
     nb::class_<caa::Batch>(m, "Batch")
         .def(nb::init<caa::SharedModel, uint32_t, uint32_t, int32_t, uint32_t>(), "model"_a, "n_seq"_a,

@@ -246,6 +246,29 @@ def test_a_gap_in_the_live_sequences_keeps_each_rows_steering(model: Model, mixe
         compare(solo(item), got, tolerance)
 
 
+def test_perplexities_equal_the_engines_and_each_turn_starts_from_the_last(
+        model: Model, engine: Engine, solo: Callable[[Conversation], Decoded], tolerance: float) -> None:
+    """A conversation scored and answered turn by turn in one batch: each perplexity equals the
+    engine's (its own context, the whole prompt decoded anew) within the batching tolerance, and
+    the second turn, answered from the KV its scored first turn left, equals it decoded alone."""
+    from caa_local.engine.scoring import answer_span, perplexity
+
+    batch = Batch(model, n_seq=2, n_ctx=512, n_threads=2)
+    first = [{"role": "user", "content": PROMPTS[0]}]
+    answer = batch.run([conversation(engine, PROMPTS[0])])[0].text
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Why?"}]
+    got = [batch.perplexities([answer_span(engine, first, answer)[::2]])[0]]
+    item = Conversation(*engine.prompt(second), (), GREEDY)
+    reply = batch.run([item])[0]
+    assert reply.n_reused_tokens >= len(engine.prompt(first, answer)[0]) - 1  # the scored turn's KV
+    compare(solo(item), (reply, np.zeros((0, 1), np.float32)), tolerance)
+    got += batch.perplexities([answer_span(engine, second, reply.text)[::2], ([1, 2], 2)])
+    want = perplexity(engine, [first, second], [answer, reply.text])
+    for g, w in zip(got, want):
+        assert abs(np.log(g) - np.log(w)) <= 2 * tolerance, (got, want)
+    assert np.isnan(got[2])  # nothing to score
+
+
 def test_cancel_stops_one_request_and_the_others_go_on(model: Model, mixed: list[Conversation]) -> None:
     batch = Batch(model, n_seq=2, n_ctx=512, n_threads=2)
     keep, drop, queued = (batch.submit(item) for item in mixed[:3])

@@ -23,6 +23,7 @@ step (the server's continuous batching); ``run`` answers a list at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -168,7 +169,7 @@ class Batch:
 
     def _event(self, raw: tuple, text: str) -> Event:  # type: ignore[type-arg]
         """An event from the native tuple; ``text``: the request's whole answer so far."""
-        id_, piece, done, reason, tokens, n_prompt, n_reused, prompt_s, decode_s, _logits = raw
+        id_, piece, done, reason, tokens, n_prompt, n_reused, prompt_s, decode_s = raw[:9]
         if not done:
             return Event(id_, piece, None)
         result = GenerationResult(text=text, tokens=list(tokens), stop_reason=_REASONS.get(reason, reason),
@@ -201,7 +202,29 @@ class Batch:
             self._steering[event[0]] = Steering(item.terms).to_dict()
             result = self._event(event, event[1]).result  # run() gives the whole text
             assert result is not None  # run() returns done events only
-            out.append((result, empty if event[-1] is None else event[-1]))
+            out.append((result, empty if event[9] is None else event[9]))
+        return out
+
+    def perplexities(self, items: Sequence[tuple[Sequence[int], int]]) -> list[float]:
+        """For each ``(tokens, first)``: the unsteered model's perplexity of ``tokens[first:]``
+        after the tokens before (NaN: nothing to score). Decoded as prefills only, each reusing
+        the longest prefix a free sequence has cached and leaving its KV there: a conversation
+        scored turn after turn (or answered after it was scored) decodes only its new tokens."""
+        out = [math.nan] * len(items)
+        wanted = [i for i, (tokens, first) in enumerate(items) if 1 <= first < len(tokens)]
+        for i, (tokens, _) in enumerate(items):
+            if len(tokens) > self.n_ctx:
+                raise ContextFullError(f"{len(tokens)} tokens to score do not fit a sequence's context of "
+                                       f"{self.n_ctx} tokens")
+        requests = [_native.BatchRequest(self.model.native, list(items[i][0]), len(items[i][0]),
+                                         _native.SamplingParams(), 1, score_from=items[i][1]) for i in wanted]
+        try:
+            raw = self._native.run(requests)
+        except (ValueError, IndexError) as err:
+            raise CaaError(str(err)) from None
+        for i, event in zip(wanted, raw):
+            logprob, n_scored = event[10], event[11]
+            out[i] = math.exp(-logprob / n_scored)
         return out
 
 

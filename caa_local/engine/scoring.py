@@ -183,6 +183,15 @@ def score_ab_naive(engine: Engine, choices: Sequence[Choice], setting: Setting,
     return ABScores(logp[:, 0], logp[:, 1])
 
 
+def answer_span(engine: Engine, messages: Sequence[Message], answer: str) -> tuple[list[int], int, int]:
+    """The chat rendered with ``answer`` as the assistant's turn, where steering would start,
+    and the first of the answer's tokens a perplexity scores (the instruction-end token after
+    the prompt is not scored; ``len(tokens)``: nothing to score)."""
+    prompt_tokens, _ = engine.prompt(messages)
+    full, steer_from = engine.prompt(messages, answer)
+    return list(full), steer_from, max(shared_prefix(prompt_tokens, full), steer_from + 1)
+
+
 def perplexity(
     engine: Engine,
     prompts: Sequence[Sequence[Message]],
@@ -198,12 +207,9 @@ def perplexity(
     out = [math.nan] * len(answers)
     jobs = []
     for i, (messages, answer) in enumerate(zip(prompts, answers)):
-        prompt_tokens, _ = engine.prompt(messages)
-        full, steer_from = engine.prompt(messages, answer)
-        shared = shared_prefix(prompt_tokens, full)
-        n_scored = len(full) - max(shared, steer_from + 1)
-        if n_scored >= 1:
-            jobs.append((i, full[:steer_from], full[steer_from:], n_scored))
+        full, steer_from, first = answer_span(engine, messages, answer)
+        if first < len(full):
+            jobs.append((i, full[:steer_from], full[steer_from:], len(full) - first))
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
         max_tail = max(len(j[2]) for j in part)

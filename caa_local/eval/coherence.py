@@ -34,7 +34,7 @@ from caa_local.core.templates import Message
 from caa_local.core.vector import ControlVector
 from caa_local.engine.batch import Batch, Conversation
 from caa_local.engine.engine import CHAT_SAMPLING
-from caa_local.engine.scoring import perplexity
+from caa_local.engine.scoring import answer_span, perplexity
 from caa_local.eval import metrics as M
 
 Log = Callable[[str], None]
@@ -199,7 +199,8 @@ def converse_batched(engine: Any, batch: Any, jobs: Sequence[Job], conversations
                      ) -> list[list[dict[str, Any]]]:
     """``converse`` for several jobs (a setting and which of ``conversations`` to answer under
     it) at once: each turn of every conversation of every job still going decodes in one
-    ``batch.run``; each row gets the answer's perplexity under the unsteered model. A turn's seed
+    ``batch.run``; each row gets the answer's perplexity under the unsteered model, scored in the
+    same batch (the unsteered conversation it leaves cached is where the next turn starts). A turn's seed
     depends on its conversation's index in ``conversations``, so a job over a subset answers
     exactly as the whole set would. After each turn ``keep_going(job, rows so far)`` may drop a
     job (its rows stay as they are)."""
@@ -221,7 +222,9 @@ def converse_batched(engine: Any, batch: Any, jobs: Sequence[Job], conversations
         if not items:
             break
         answers = [r.text for r in batch.run(items)]
-        ppl = perplexity(engine, [history[j][c] for j, c in where], answers)
+        # Scored in the batch too: each conversation's unsteered KV, kept for its next turn.
+        ppl = batch.perplexities([answer_span(engine, history[j][c], answer)[::2]
+                                  for (j, c), answer in zip(where, answers)])
         for (j, c), answer, p in zip(where, answers, ppl):
             rows[j].append({"conversation": c, "turn": t, "messages": list(history[j][c]), "answer": answer,
                             "perplexity": float(p)})
@@ -329,8 +332,8 @@ def _conversation_batch(engine: Any, conversations: Sequence[Sequence[str]], max
     conversation (its user turns, every answer at full length and the template's tokens)."""
     framing = len(engine.prompt([{"role": "user", "content": ""}])[0])  # system prompt + a turn's markup
     longest = max(sum(len(engine.tokenize(text)) + framing for text in turns) + len(turns) * max_tokens
-                  for turns in conversations) + 16
-    n_seq = n_seq or min(sum(1 for _ in conversations), 16)
+                  for turns in conversations) + 64  # slack: an answer may re-tokenize longer
+    n_seq = n_seq or min(2 * len(conversations), 16)  # the search asks both sides at once
     return Batch(engine.model, n_seq=n_seq, n_ctx=min(longest, engine.n_ctx), n_threads=engine.n_threads)
 
 
