@@ -191,17 +191,27 @@ def calibrate_group(cfg: Config) -> dict[str, Any]:
     sizes = QUICK if cfg.repeats <= 2 else {}
     figures: dict[str, dict[str, list[float]]] = {"calibrate_vs_before": {"value": [], "baseline": []}}
     picks: dict[str, tuple[Any, Any]] = {}
+    strength: dict[str, float] = {}  # seconds of the strength phase (what the strategies change)
     for strategy, key in (("walk", "baseline"), ("search", "value")):
         settings = Settings(metric=CALIBRATED, strategy=strategy, **sizes)  # type: ignore[arg-type]
         data = load_data(CALIBRATED, None, settings)
+        marks: dict[str, float] = {}
+
+        def log(message: str) -> None:
+            phase = "strength" if "; strength:" in message else "card" if message.startswith("card:") else ""
+            marks.setdefault(phase, time.perf_counter())
+
         start = time.perf_counter()
-        summary = calibrate(engine, vector, data, settings)
+        summary = calibrate(engine, vector, data, settings, log)
         figures["calibrate_vs_before"][key].append(1.0 / (time.perf_counter() - start))  # calibrations/s
         picks[strategy] = (summary["layer"], summary["recommended_multiplier"])
+        strength[strategy] = marks.get("card", time.perf_counter()) - marks["strength"]
     return {"figures": figures,
             "facts": {"threads": engine.n_threads, "calibrate_vector": CALIBRATED,
                       "calibrate_walk": f"layer {picks['walk'][0]} x{picks['walk'][1]:+g}",
-                      "calibrate_search": f"layer {picks['search'][0]} x{picks['search'][1]:+g}"}}
+                      "calibrate_search": f"layer {picks['search'][0]} x{picks['search'][1]:+g}",
+                      "calibrate_strength": f"{strength['walk']:.0f} s vs {strength['search']:.0f} s "
+                                            f"({strength['walk'] / strength['search']:.2f}x)"}}
 
 
 CALIBRATED = "sentiment"  # a shipped vector with a judge-free metric: layer probe + strength + card

@@ -110,7 +110,8 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "calibrations/s", ">=", 3.0,
         "`calibrate {calibrate_vector}` in-process (layer, strength, card): the search with batched "
         "conversations (picked {calibrate_search}) vs the exhaustive walk one conversation at a time "
-        "(picked {calibrate_walk}); one run each, --quick sizes under --quick"),
+        "(picked {calibrate_walk}); one run each, --quick sizes under --quick; the strength phase alone, "
+        "walk vs search: {calibrate_strength}"),
     "batch_steering_overhead": (
         "tok/s", ">=", 0.97,
         "one steered sequence in a Batch: directions added per row at the blocks' outputs vs llama.cpp's "
