@@ -211,11 +211,13 @@ class Batch:
         the longest prefix a free sequence has cached and leaving its KV there: a conversation
         scored turn after turn (or answered after it was scored) decodes only its new tokens."""
         out = [math.nan] * len(items)
-        wanted = [i for i, (tokens, first) in enumerate(items) if 1 <= first < len(tokens)]
-        for i, (tokens, _) in enumerate(items):
+        wanted = []
+        for i, (tokens, first) in enumerate(items):
             if len(tokens) > self.n_ctx:
                 raise ContextFullError(f"{len(tokens)} tokens to score do not fit a sequence's context of "
                                        f"{self.n_ctx} tokens")
+            if 1 <= first < len(tokens):
+                wanted.append(i)
         requests = [_native.BatchRequest(self.model.native, list(items[i][0]), len(items[i][0]),
                                          _native.SamplingParams(), 1, score_from=items[i][1]) for i in wanted]
         try:
