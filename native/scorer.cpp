@@ -8,13 +8,14 @@ namespace caa {
 
 namespace {
 
-double log_softmax_at(const float * logits, int32_t n_vocab, llama_token token) {
+// log(sum(exp(logits))), computed around the largest logit.
+double log_sum_exp(const float * logits, int32_t n_vocab) {
     const float max_logit = *std::max_element(logits, logits + n_vocab);
     double sum = 0.0;
     for (int32_t i = 0; i < n_vocab; ++i) {
         sum += std::exp(static_cast<double>(logits[i] - max_logit));
     }
-    return static_cast<double>(logits[token] - max_logit) - std::log(sum);
+    return static_cast<double>(max_logit) + std::log(sum);
 }
 
 } // namespace
@@ -53,11 +54,13 @@ void Scorer::decode(llama_batch & batch, std::vector<Pending> & pending, std::ve
         throw std::runtime_error("llama_decode failed while scoring, code " + std::to_string(rc));
     }
     const int32_t n_vocab = model_->n_vocab();
-    int32_t row = 0;
-    for (int32_t k = 0; k < batch.n_tokens; ++k) {
-        if (batch.logits[k]) {
-            const Pending & p = pending[row++];
-            result[p.out] += log_softmax_at(llama_get_logits_ith(ctx_.get(), k), n_vocab, p.next);
+    // Pending entries come in row order; options that share a row share its normalizer.
+    for (size_t i = 0; i < pending.size();) {
+        const int32_t row = pending[i].row;
+        const float * logits = llama_get_logits_ith(ctx_.get(), row);
+        const double lse = log_sum_exp(logits, n_vocab);
+        for (; i < pending.size() && pending[i].row == row; ++i) {
+            result[pending[i].out] += static_cast<double>(logits[pending[i].next]) - lse;
         }
     }
     pending.clear();
@@ -108,7 +111,7 @@ void Scorer::score_option(int32_t o, const Continuations & continuations, const 
                           std::vector<double> & result) {
     // llama.cpp 0.3.36 computes wrong attention when one llama_decode call holds sequences of
     // different lengths (measured: every sequence but the first drifts). So each call holds
-    // continuations of one length only.
+    // continuations of one length only (see also score_shared()).
     const size_t n_q = prefix_len_.size();
     std::vector<size_t> order(n_q);
     std::iota(order.begin(), order.end(), 0);
@@ -126,12 +129,61 @@ void Scorer::score_option(int32_t o, const Continuations & continuations, const 
             prev_len = c.size();
         }
         const size_t first_scored = c.size() - n_scored[q][o];
-        for (size_t i = 0; i < c.size(); ++i) {
-            const bool wants = i + 1 >= first_scored && i + 1 < c.size();
-            add_token(batch, c[i], prefix_len_[q] + static_cast<llama_pos>(i), static_cast<llama_seq_id>(q), wants);
+        // The last token is only scored, never an input.
+        for (size_t i = 0; i + 1 < c.size(); ++i) {
+            const bool wants = i + 1 >= first_scored;
             if (wants) {
-                pending.push_back({q * n_options_ + o, c[i + 1]});
+                pending.push_back({batch.n_tokens, q * n_options_ + o, c[i + 1]});
             }
+            add_token(batch, c[i], prefix_len_[q] + static_cast<llama_pos>(i), static_cast<llama_seq_id>(q), wants);
+        }
+    }
+    decode(batch, pending, result);
+}
+
+bool Scorer::inputs_shared(const Continuations & continuations) const {
+    for (const auto & options : continuations) {
+        const auto & first = options[0];
+        for (const auto & c : options) {
+            if (c.size() != first.size() || !std::equal(c.begin(), c.end() - 1, first.begin())) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+void Scorer::score_shared(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
+                          std::vector<double> & result) {
+    // Every option of a question has the same input tokens (its continuation but the last token,
+    // which is only scored): they are decoded once, and each output row scores every option's
+    // next token. One llama_decode call holds tails of one length only (see score_option()).
+    const size_t n_q = prefix_len_.size();
+    std::vector<size_t> order(n_q);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+        return continuations[a][0].size() < continuations[b][0].size();
+    });
+    BatchPtr holder(static_cast<int32_t>(n_batch_));
+    llama_batch & batch = holder.batch;
+    std::vector<Pending> pending;
+    size_t prev_len = 0;
+    for (size_t q : order) {
+        const auto & inputs = continuations[q][0];
+        const size_t n_inputs = inputs.size() - 1;
+        if (n_inputs != prev_len || batch.n_tokens + n_inputs > n_batch_) {
+            decode(batch, pending, result);
+            prev_len = n_inputs;
+        }
+        for (size_t i = 0; i < n_inputs; ++i) {
+            bool wants = false;
+            for (int32_t o = 0; o < n_options_; ++o) {
+                if (i + 1 >= inputs.size() - n_scored[q][o]) {
+                    pending.push_back({batch.n_tokens, q * n_options_ + o, continuations[q][o][i + 1]});
+                    wants = true;
+                }
+            }
+            add_token(batch, inputs[i], prefix_len_[q] + static_cast<llama_pos>(i), static_cast<llama_seq_id>(q), wants);
         }
     }
     decode(batch, pending, result);
@@ -154,6 +206,11 @@ std::vector<double> Scorer::score(const Continuations & continuations, const std
     validate_steering(steering, model_->n_layer(), model_->n_embd());
     apply_steering(ctx_.get(), steering, model_->n_embd());
     std::vector<double> result(prefix_len_.size() * n_options_, 0.0);
+    if (inputs_shared(continuations)) {
+        score_shared(continuations, n_scored, result);
+        drop_continuations();
+        return result;
+    }
     // Options go one after another: each question's sequence holds one continuation at a time.
     for (int32_t o = 0; o < n_options_; ++o) {
         score_option(o, continuations, n_scored, result);

@@ -18,7 +18,8 @@ class Scorer {
 
     // continuations[q][o]: tokens after prefix q, from the instruction-end token on; the last
     // n_scored[q][o] of them are scored (>= 1, and at least one unscored token before them).
-    // Every continuation token is decoded with `steering`. Returns the summed log-probability
+    // Every continuation token but the last (only scored) is decoded with `steering`; options that
+    // differ in their last token only share one decode. Returns the summed log-probability
     // of the scored tokens, n_questions x n_options, question-major.
     std::vector<double> score(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
                               const Steering & steering);
@@ -29,6 +30,7 @@ class Scorer {
 
   private:
     struct Pending {
+        int32_t row;      // batch row whose logits score it
         size_t out;       // index into the result
         llama_token next; // token whose log-probability the output row scores
     };
@@ -38,6 +40,11 @@ class Scorer {
     void check_request(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored) const;
     // Decodes option o of every question after its prefix, adding the scored log-probabilities.
     void score_option(int32_t o, const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
+                      std::vector<double> & result);
+    // Whether every question's options differ in their last token only.
+    bool inputs_shared(const Continuations & continuations) const;
+    // Decodes each question's shared inputs once, scoring every option from the same rows.
+    void score_shared(const Continuations & continuations, const std::vector<std::vector<int32_t>> & n_scored,
                       std::vector<double> & result);
     // Drops every question's continuation from its stream, back to the prefix.
     void drop_continuations();

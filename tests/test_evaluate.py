@@ -21,6 +21,7 @@ from caa_local.eval.open_ended import open_ended
 from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary, parse_score
 from caa_local.engine.scoring import choices_from_items, score_ab, score_ab_naive
 from caa_local.core.parsing import parse_multipliers
+from caa_local.core.steering import Steering
 from conftest import is_png, random_vector
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,26 @@ def test_fast_path_equals_naive_with_letters_beyond_b(engine: Engine) -> None:
         np.testing.assert_allclose(scores.logp_matching, naive.logp_matching, atol=2e-3)
         np.testing.assert_allclose(scores.logp_not_matching, naive.logp_not_matching, atol=2e-3)
     assert not np.allclose(fast[0].logp_matching, fast[1].logp_matching, atol=1e-3)
+
+
+def test_options_that_differ_in_their_last_token_score_as_when_decoded_one_by_one(engine: Engine) -> None:
+    """Options that differ only in their last token share one decode; a third option that differs
+    earlier makes the scorer decode every option alone: the first two score the same both ways."""
+    from caa_local.engine.scoring import _prepare
+
+    shortest = sorted(split(load_ab("sentiment").items, "val"), key=lambda it: len(it.question))[:3]
+    prepared = [_prepare(engine, choice) for choice in choices_from_items(shortest)]
+    shared = [p.continuations for p in prepared]
+    apart = [[*conts, [conts[0][0], *conts[0]]] for conts in shared]  # one token more before the letter
+    vector = random_vector(engine.n_embd, [12], norm=30.0, seed=2)
+    for buffer in (None, Steering([engine.make_term("v", vector, 1.0, [12])]).buffer(engine.n_embd, engine.n_layer)):
+        extra = () if buffer is None else buffer
+        together = engine.scorer([p.prefix for p in prepared], 2, 8).score(
+            shared, [p.n_scored for p in prepared], *extra)
+        alone = engine.scorer([p.prefix for p in prepared], 3, 8).score(
+            apart, [[*p.n_scored, p.n_scored[0]] for p in prepared], *extra)
+        np.testing.assert_allclose(together, alone[:, :2], atol=1e-4)
+        assert not np.allclose(alone[:, 2], alone[:, 0], atol=1e-3)  # the odd option was scored too
 
 
 def test_capability_rows(engine: Engine) -> None:
