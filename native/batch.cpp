@@ -325,8 +325,21 @@ void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
     // The last prompt token is always decoded again: its logits start the answer. A scoring
     // request decodes again from the token before the first scored one.
     const bool scoring = r.score_from > 0;
-    const size_t first_out = scoring ? static_cast<size_t>(r.score_from) - 1 : r.tokens.size() - 1;
-    size_t keep = std::min(reusable(s, r, live.steering_id), first_out);
+    size_t first_out = scoring ? static_cast<size_t>(r.score_from) - 1 : r.tokens.size() - 1;
+    const size_t cached = reusable(s, r, live.steering_id);
+    if (scoring && !r.steering.active()) {
+        // Positions whose next token an unsteered decode already scored (keep_logprobs).
+        for (; first_out < cached && first_out + 1 < r.tokens.size() && s.next[first_out].token == r.tokens[first_out + 1];
+             ++first_out) {
+            live.logprob += s.next[first_out].logprob;
+            ++live.n_scored;
+            ++scored_from_cache_;
+        }
+    }
+    size_t keep = std::min(cached, first_out);
+    if (scoring && first_out + 1 == r.tokens.size()) {
+        keep = std::min(cached, r.tokens.size()); // every token scored from the cache
+    }
     llama_memory_t mem = llama_get_memory(ctx_.get());
     if (keep < s.tokens.size() && !llama_memory_seq_rm(mem, static_cast<llama_seq_id>(seq), static_cast<llama_pos>(keep), -1)) {
         llama_memory_seq_rm(mem, static_cast<llama_seq_id>(seq), -1, -1);
@@ -334,6 +347,7 @@ void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
     }
     s.tokens.resize(keep);
     s.steering_ids.resize(keep);
+    s.next.resize(keep);
     live.n_reused = static_cast<int32_t>(keep);
     const Steering * steered = r.steering.active() ? &r.steering : nullptr;
     llama_batch & batch = batch_->batch;
@@ -360,6 +374,7 @@ void Batch::prefill(uint32_t seq, std::vector<BatchEvent> & events) {
             }
             s.tokens.insert(s.tokens.end(), r.tokens.begin() + start, r.tokens.begin() + end);
             s.steering_ids.insert(s.steering_ids.end(), end - start, part == 0 ? 0 : live.steering_id);
+            s.next.resize(s.tokens.size());
             last_row = batch.n_tokens - 1;
         }
     }
@@ -386,13 +401,8 @@ void Batch::add_logprobs(Live & live, size_t first_pos, int32_t n_rows, int32_t 
         if (logits == nullptr) {
             throw std::runtime_error("llama.cpp kept no logits for batch row " + std::to_string(first_row + k));
         }
-        const float top = *std::max_element(logits, logits + n_vocab);
-        double sum = 0.0;
-        for (int32_t v = 0; v < n_vocab; ++v) {
-            sum += std::exp(static_cast<double>(logits[v] - top));
-        }
         const llama_token next = live.request.tokens[first_pos + static_cast<size_t>(k) + 1];
-        live.logprob += static_cast<double>(logits[next] - top) - std::log(sum);
+        live.logprob += static_cast<double>(logits[next]) - log_sum_exp(logits, n_vocab);
         ++live.n_scored;
     }
 }
@@ -408,6 +418,10 @@ bool Batch::sample(uint32_t seq, int32_t idx, std::vector<BatchEvent> & events) 
         live.logits.insert(live.logits.end(), logits, logits + model_->n_vocab());
     }
     const llama_token token = llama_sampler_sample(live.sampler.get(), ctx_.get(), idx);
+    if (keep_logprobs_ && !live.request.steering.active()) {
+        const float * logits = llama_get_logits_ith(ctx_.get(), idx);
+        s.next.back() = {token, static_cast<double>(logits[token]) - log_sum_exp(logits, model_->n_vocab())};
+    }
     if (model_->is_eog(token)) {
         finish(seq, "eog", events);
         return false;
@@ -487,6 +501,7 @@ void Batch::decode_step(std::vector<BatchEvent> & events) {
         Sequence & s = seqs_[row_seq[k]];
         s.tokens.push_back(s.live->next);
         s.steering_ids.push_back(s.live->steering_id);
+        s.next.emplace_back();
     }
     for (size_t k = 0; k < row_seq.size(); ++k) {
         sample(row_seq[k], static_cast<int32_t>(k), events);

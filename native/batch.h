@@ -93,6 +93,11 @@ class Batch {
     // Always add directions per row, even where every row shares one steering (for checks).
     void set_force_rows(bool on) { force_rows_ = on; }
     bool force_rows() const { return force_rows_; }
+    // Keep the log-probability of each token an unsteered request sampled: a later scoring
+    // request over the same tokens reads it instead of decoding them again.
+    void set_keep_logprobs(bool on) { keep_logprobs_ = on; }
+    bool keep_logprobs() const { return keep_logprobs_; }
+    int64_t scored_from_cache() const { return scored_from_cache_; }
     // Counters: llama_decode calls made per mode, and row additions made by the callback.
     int64_t decodes_cvec() const { return decodes_cvec_; }
     int64_t decodes_rows() const { return decodes_rows_; }
@@ -102,9 +107,14 @@ class Batch {
     using Clock = std::chrono::steady_clock;
     struct Live; // a running request, bound to a sequence
 
+    struct Next {                            // what an unsteered decode said of the token after a position
+        llama_token token = -1;              // -1: nothing known
+        double logprob = 0.0;
+    };
     struct Sequence {
         std::vector<llama_token> tokens;     // in its KV stream, in order
         std::vector<uint64_t> steering_ids;  // per cached position: steering id it was decoded with
+        std::vector<Next> next;              // per cached position (kept with keep_logprobs)
         std::unique_ptr<Live> live;          // the request it runs, or none (free)
     };
     // Adds the log-probability of each token after an output row of the last decode to `live`.
@@ -130,6 +140,8 @@ class Batch {
     uint32_t n_batch_;
     uint32_t n_ctx_seq_ = 0;
     bool force_rows_ = false;
+    bool keep_logprobs_ = false;
+    int64_t scored_from_cache_ = 0;
     RowSteer probe_;
     std::unique_ptr<Threadpool> threadpool_; // declared before ctx_: freed after it
     ContextPtr ctx_;

@@ -71,12 +71,14 @@ void bind_batch(nb::module_ & m) {
         .def_prop_ro("n_waiting", &caa::Batch::n_waiting)
         .def_prop_rw("force_rows", &caa::Batch::force_rows, &caa::Batch::set_force_rows,
                      "Add directions per row even where every row shares one steering (checks, benchmarks).")
+        .def_prop_rw("keep_logprobs", &caa::Batch::keep_logprobs, &caa::Batch::set_keep_logprobs,
+                     "Keep what unsteered requests sampled, scored: later scoring requests read it from the cache.")
         .def_prop_ro("counters",
                      [](const caa::Batch & b) {
-                         return nb::make_tuple(b.decodes_cvec(), b.decodes_rows(), b.rows_added());
+                         return nb::make_tuple(b.decodes_cvec(), b.decodes_rows(), b.rows_added(), b.scored_from_cache());
                      },
                      "(llama_decode calls through the control vector, calls with per-row directions, "
-                     "row additions made).")
+                     "row additions made, scored tokens read from the cache).")
         .def("submit", &caa::Batch::submit, "request"_a, "Queue a request (thread-safe); returns its id.")
         .def("cancel", &caa::Batch::cancel, "id"_a, "Stop a queued or running request at the next step (thread-safe).")
         .def("step",

@@ -1,24 +1,9 @@
 #include "scorer.h"
 
 #include <algorithm>
-#include <cmath>
 #include <numeric>
 
 namespace caa {
-
-namespace {
-
-// log(sum(exp(logits))), computed around the largest logit.
-double log_sum_exp(const float * logits, int32_t n_vocab) {
-    const float max_logit = *std::max_element(logits, logits + n_vocab);
-    double sum = 0.0;
-    for (int32_t i = 0; i < n_vocab; ++i) {
-        sum += std::exp(static_cast<double>(logits[i] - max_logit));
-    }
-    return static_cast<double>(max_logit) + std::log(sum);
-}
-
-} // namespace
 
 Scorer::Scorer(const Session & session, const std::vector<std::vector<llama_token>> & prefixes, int32_t n_options,
                int32_t max_tail)

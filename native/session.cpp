@@ -4,6 +4,7 @@
 #include <ggml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <thread>
 
@@ -237,6 +238,15 @@ bool Session::decode(const std::vector<llama_token> & tokens, bool steered, cons
         token_steering_.insert(token_steering_.end(), end - start, id);
     }
     return true;
+}
+
+double log_sum_exp(const float * logits, int32_t n) {
+    const float top = *std::max_element(logits, logits + n);
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - top));
+    }
+    return static_cast<double>(top) + std::log(sum);
 }
 
 SamplerPtr make_sampler(const SamplingParams & p, int32_t n_vocab) {

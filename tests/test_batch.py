@@ -20,7 +20,7 @@ import pytest
 from caa_local.core.errors import CaaError
 from caa_local.core.vector import ControlVector
 from caa_local.engine.batch import Batch, Conversation
-from caa_local.engine.engine import ContextFullError, Engine, GenerationResult, Model, Sampling
+from caa_local.engine.engine import CHAT_SAMPLING, ContextFullError, Engine, GenerationResult, Model, Sampling
 from caa_local.core.locate import load_vector
 
 pytestmark = pytest.mark.slow
@@ -267,6 +267,30 @@ def test_perplexities_equal_the_engines_and_each_turn_starts_from_the_last(
     for g, w in zip(got, want):
         assert abs(np.log(g) - np.log(w)) <= 2 * tolerance, (got, want)
     assert np.isnan(got[2])  # nothing to score
+
+
+def test_kept_logprobs_score_unsteered_answers_as_a_fresh_decode_does(
+        model: Model, engine: Engine, mixed: list[Conversation], tolerance: float) -> None:
+    """With keep_logprobs, the perplexity of an unsteered answer comes from what its decode
+    sampled, and equals the one a batch without that cache decodes anew (within the batching
+    tolerance); a steered answer is decoded again under no steering, as before."""
+    from caa_local.engine.scoring import answer_span
+
+    chat = dataclasses.replace(CHAT_SAMPLING, max_tokens=N, seed=3)
+    items = [dataclasses.replace(item, sampling=chat) for item in mixed[:2]]  # unsteered, steered
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    got, cached = [], []
+    for keep in (True, False):
+        batch = Batch(model, n_seq=2, n_ctx=512, n_threads=2)
+        batch.keep_logprobs = keep
+        answers = [r.text for r in batch.run(items)]
+        spans = [answer_span(engine, [{"role": "user", "content": p}], a)[::2] for p, a in zip(prompts, answers)]
+        got.append(batch.perplexities(spans))
+        cached.append(batch.counters()["scored_from_cache"])
+    n_answer = len(spans[0][0]) - spans[0][1]
+    assert cached[1] == 0 and n_answer // 2 <= cached[0] <= n_answer  # the unsteered answer, from the cache
+    for g, w in zip(*got):
+        assert abs(np.log(g) - np.log(w)) <= 2 * tolerance, got
 
 
 def test_cancel_stops_one_request_and_the_others_go_on(model: Model, mixed: list[Conversation]) -> None:

@@ -108,11 +108,22 @@ class Batch:
     def force_rows(self, on: bool) -> None:
         self._native.force_rows = on
 
+    @property
+    def keep_logprobs(self) -> bool:
+        """Keep the unsteered log-probability of every token an unsteered request samples, so
+        that ``perplexities`` over those tokens reads it instead of decoding them again."""
+        return bool(self._native.keep_logprobs)
+
+    @keep_logprobs.setter
+    def keep_logprobs(self, on: bool) -> None:
+        self._native.keep_logprobs = on
+
     def counters(self) -> dict[str, int]:
-        """llama_decode calls through the control vector and with per-row directions, and the
-        row additions made (a mixed batch that adds nothing would be a silent no-op)."""
-        cvec, rows, added = self._native.counters
-        return {"decodes_cvec": cvec, "decodes_rows": rows, "rows_added": added}
+        """llama_decode calls through the control vector and with per-row directions, the row
+        additions made (a mixed batch that adds nothing would be a silent no-op) and the scored
+        tokens ``perplexities`` read from the cache (``keep_logprobs``)."""
+        cvec, rows, added, cached = self._native.counters
+        return {"decodes_cvec": cvec, "decodes_rows": rows, "rows_added": added, "scored_from_cache": cached}
 
     # -- requests ---------------------------------------------------------------------------
     def _request(self, item: Conversation, record_logits: bool = False) -> _native.BatchRequest:

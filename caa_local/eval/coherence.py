@@ -248,8 +248,8 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
     conversations; if the whole set fails it, the next smaller multiplier is answered in full,
     and so on: a recommended multiplier has always passed on every conversation. A point that
     was only screened has ``"screened": True``; one whose failure was certain before its last
-    turn (against the whole set's turn count) ``"stopped_early": True``; the figures are over
-    the turns it answered. ``n_seq``: sequences decoded together (0: one per conversation, at
+    turn (against the turns it was asked: the screen's, or the whole set's)
+    ``"stopped_early": True``; the figures are over the turns it answered. ``n_seq``: sequences decoded together (0: one per conversation, at
     most 16).
 
     ``sampling`` defaults to the chat's (``CHAT_SAMPLING``); each turn gets its own seed, the
@@ -266,12 +266,14 @@ def strength_curve(engine: Any, vector: ControlVector, layer: int, conversations
     def measure(asks: Sequence[tuple[float, Sequence[int]]], base: dict[str, Any] | None) -> None:
         """Answer each (multiplier, conversations) ask and (re)score its multiplier's point."""
         jobs = [([engine.make_term("calibrate", vector, m, [layer])] if m else [], ids) for m, ids in asks]
+        # The turns each point is judged on once this round ends (a screen: its share only).
+        totals = [len(rows.get(m, [])) + sum(len(conversations[c]) for c in ids) for m, ids in asks]
 
         def keep_going(j: int, new: list[dict[str, Any]]) -> bool:
             done = rows.get(asks[j][0], []) + new
             return base is None or not guard.certain_failure(
                 [r["perplexity"] for r in done], [_broken(r, base, guard) for r in done],
-                [M.repetition(r["answer"]) for r in done], n_turns, base)
+                [M.repetition(r["answer"]) for r in done], totals[j], base)
 
         for (mult, ids), new in zip(asks, converse_batched(engine, batch, jobs, conversations, sampling, seed,
                                                            keep_going)):
@@ -334,7 +336,9 @@ def _conversation_batch(engine: Any, conversations: Sequence[Sequence[str]], max
     longest = max(sum(len(engine.tokenize(text)) + framing for text in turns) + len(turns) * max_tokens
                   for turns in conversations) + 64  # slack: an answer may re-tokenize longer
     n_seq = n_seq or min(2 * len(conversations), 16)  # the search asks both sides at once
-    return Batch(engine.model, n_seq=n_seq, n_ctx=min(longest, engine.n_ctx), n_threads=engine.n_threads)
+    batch = Batch(engine.model, n_seq=n_seq, n_ctx=min(longest, engine.n_ctx), n_threads=engine.n_threads)
+    batch.keep_logprobs = True  # multiplier 0's answers are scored as they are sampled
+    return batch
 
 
 def limits(curve: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
