@@ -1,8 +1,5 @@
 #include "batch.h"
 
-#include <ggml-backend.h>
-#include <ggml.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -11,112 +8,6 @@
 namespace caa {
 
 namespace {
-
-// Adds each row's direction to the l_out-N tensors of the blocks some row steers.
-bool row_steer_callback(ggml_tensor * t, bool ask, void * user_data) {
-    auto * p = static_cast<RowSteer *>(user_data);
-    const int il = block_output_of(t);
-    if (il < 0) {
-        return !ask;
-    }
-    const bool on = il >= 1 && static_cast<size_t>(il) < p->layer_on.size() && p->layer_on[il];
-    if (ask) {
-        return on;
-    }
-    if (!on || !p->error.empty()) {
-        return true;
-    }
-    if (t->type != GGML_TYPE_F32 || t->ne[0] != p->n_embd || t->nb[0] != sizeof(float)) {
-        p->error = std::string(ggml_get_name(t)) + ": expected contiguous F32 rows of " + std::to_string(p->n_embd);
-        return true;
-    }
-    // llama.cpp splits a batch whose sequence ids have gaps into one ubatch per run of
-    // consecutive ids, in batch order, and computes a graph for each: this tensor holds the rows
-    // of the current ubatch, which start where the earlier ubatches' rows at this block ended.
-    // The last block keeps only the output rows when not every token is an output (then the
-    // batch is one sequence's prompt: one ubatch).
-    const int64_t n_rows = ggml_nrows(t);
-    const int64_t n_batch_rows = static_cast<int64_t>(p->rows.size());
-    const int64_t first = p->consumed[il];
-    p->consumed[il] += n_rows;
-    const bool by_output = first == 0 && n_rows != n_batch_rows && n_rows == p->n_outputs;
-    if (!by_output && first + n_rows > n_batch_rows) {
-        p->error = std::string(ggml_get_name(t)) + " has " + std::to_string(n_rows) + " rows after " +
-                   std::to_string(first) + ", expected " + std::to_string(n_batch_rows) + " tokens or " +
-                   std::to_string(p->n_outputs) + " outputs";
-        return true;
-    }
-    ggml_backend_buffer_t buf = t->view_src != nullptr ? t->view_src->buffer : t->buffer;
-    if (buf == nullptr) {
-        p->error = std::string(ggml_get_name(t)) + ": tensor has no backend buffer";
-        return true;
-    }
-    // Host memory (CPU) is changed in place; elsewhere (a GPU) a row goes there and back.
-    const bool host = ggml_backend_buffer_is_host(buf);
-    const size_t row_bytes = static_cast<size_t>(p->n_embd) * sizeof(float);
-    const int64_t begin = by_output ? 0 : first;
-    const int64_t end = by_output ? n_batch_rows : first + n_rows;
-    for (int64_t r = begin; r < end; ++r) {
-        const Steering * s = p->rows[r];
-        if (s == nullptr || il < s->il_start || il > s->il_end) {
-            continue;
-        }
-        const int64_t row = by_output ? p->row_output[r] : r - first;
-        if (row < 0) {
-            continue; // not an output: llama.cpp drops its last-block row, as it drops the vector's
-        }
-        const float * dir = s->data.data() + static_cast<size_t>(il - 1) * p->n_embd;
-        float * dst;
-        if (host) {
-            dst = reinterpret_cast<float *>(static_cast<char *>(t->data) + row * t->nb[1]);
-        } else {
-            p->buffer.resize(p->n_embd);
-            ggml_backend_tensor_get(t, p->buffer.data(), static_cast<size_t>(row) * t->nb[1], row_bytes);
-            dst = p->buffer.data();
-        }
-        for (int32_t j = 0; j < p->n_embd; ++j) {
-            dst[j] += dir[j]; // the same float add llama.cpp's control vector makes
-        }
-        if (!host) {
-            ggml_backend_tensor_set(t, dst, static_cast<size_t>(row) * t->nb[1], row_bytes);
-        }
-        ++p->rows_added;
-    }
-    return true;
-}
-
-// Feeds `piece` through the stop strings: returns the text that may be sent now; sets `stopped`
-// once a stop string is met (the text before it is returned, the rest dropped). Text that could
-// be the start of a stop string is held back in `held`.
-std::string filter_stops(const std::vector<std::string> & stops, std::string & held, const std::string & piece,
-                         bool & stopped) {
-    if (stops.empty()) {
-        return piece;
-    }
-    held += piece;
-    size_t at = std::string::npos;
-    for (const std::string & s : stops) {
-        at = std::min(at, held.find(s));
-    }
-    if (at != std::string::npos) {
-        std::string out = held.substr(0, at);
-        held.clear();
-        stopped = true;
-        return out;
-    }
-    size_t hold = 0;
-    for (const std::string & s : stops) {
-        for (size_t size = std::min(s.size() - 1, held.size()); size > hold; --size) {
-            if (held.compare(held.size() - size, size, s, 0, size) == 0) {
-                hold = size;
-                break;
-            }
-        }
-    }
-    std::string out = held.substr(0, held.size() - hold);
-    held.erase(0, held.size() - hold);
-    return out;
-}
 
 double seconds(std::chrono::steady_clock::duration d) {
     return std::chrono::duration<double>(d).count();

@@ -6,6 +6,7 @@
 // of the steered blocks (the l_out-N tensors, in the graph evaluation callback).
 #pragma once
 
+#include "row_steer.h"
 #include "session.h"
 
 #include <atomic>
@@ -49,19 +50,6 @@ struct BatchEvent {
     std::vector<float> logits; // n_vocab per sampled position, when the request recorded them
     double logprob = 0.0;      // a scoring request's sum of log-probabilities ...
     int32_t n_scored = 0;      // ... over this many tokens
-};
-
-// State the evaluation callback sees while one llama_decode runs in per-row mode.
-struct RowSteer {
-    int32_t n_embd = 0;
-    std::vector<char> layer_on;               // block il -> some row adds a direction there
-    std::vector<const Steering *> rows;       // per batch row: its steering (nullptr: none)
-    std::vector<int32_t> row_output;          // per batch row: its index among the outputs, or -1
-    int32_t n_outputs = 0;
-    std::vector<int64_t> consumed;            // block il -> batch rows its earlier ubatches held
-    std::vector<float> buffer;                // one row, for tensors outside host memory
-    int64_t rows_added = 0;                   // row additions made (for tests: never a silent no-op)
-    std::string error;                        // set by the callback; checked after llama_decode
 };
 
 class Batch {

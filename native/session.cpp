@@ -274,22 +274,6 @@ SamplerPtr make_sampler(const SamplingParams & p, int32_t n_vocab) {
     return chain;
 }
 
-// Length of the longest prefix of `s` that is complete UTF-8 (a token may end mid-character).
-size_t utf8_complete_prefix(const std::string & s) {
-    size_t i = s.size();
-    size_t back = 0;
-    while (i > 0 && back < 4) {
-        const unsigned char c = static_cast<unsigned char>(s[i - 1]);
-        if ((c & 0xC0) != 0x80) {
-            size_t need = (c & 0x80) == 0 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 1;
-            return back + 1 >= need ? s.size() : i - 1;
-        }
-        --i;
-        ++back;
-    }
-    return s.size();
-}
-
 GenerateResult Session::generate(int32_t max_tokens, const SamplingParams & params, const TokenCallback & on_token) {
     if (tokens_.empty()) {
         throw std::invalid_argument("generate needs a decoded prompt first");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "model.h"
+#include "text.h"
 
 #include <cstdint>
 #include <cstdlib>
@@ -117,13 +118,10 @@ int32_t pick_threads(int32_t n_threads);
 void validate_steering(const Steering & steering, int32_t n_layer, int32_t n_embd);
 
 // A sampler chain for `p` (greedy when temperature <= 0).
-// log(sum(exp(logits[0..n)))), computed around the largest logit (log-softmax: logit - this).
-double log_sum_exp(const float * logits, int32_t n);
-
 SamplerPtr make_sampler(const SamplingParams & p, int32_t n_vocab);
 
-// Length of the longest prefix of `s` that is complete UTF-8 (a token may end mid-character).
-size_t utf8_complete_prefix(const std::string & s);
+// log(sum(exp(logits[0..n)))), computed around the largest logit (log-softmax: logit - this).
+double log_sum_exp(const float * logits, int32_t n);
 
 // Applies `steering` (or clears it) on `ctx`; throws with llama.cpp's code on failure.
 void apply_steering(llama_context * ctx, const Steering & steering, int32_t n_embd);
