@@ -142,7 +142,7 @@ def test_capability_rows(engine: Engine) -> None:
 def test_open_ended_and_judge(engine: Engine) -> None:
     vector = random_vector(engine.n_embd, [10], norm=30.0)
     engine.unsteer()
-    rows = open_ended(engine, vector, 10, [0, 4], ["Describe a sunny day."], max_tokens=8)
+    rows = open_ended(engine, vector, [10], [0, 4], ["Describe a sunny day."], max_tokens=8)
     assert [(r["multiplier"], r["layer"], r["prompt"]) for r in rows] == [
         (0.0, 10, "Describe a sunny day."), (4.0, 10, "Describe a sunny day.")]
     assert rows[0]["answer"] and rows[0]["answer"] != rows[1]["answer"]

@@ -143,11 +143,12 @@ def metric_layer_effects(engine: Any, vector: ControlVector, layers: Sequence[in
     from caa_local.eval.open_ended import open_ended
 
     out = {}
+    rows = open_ended(engine, vector, layers, [-settings.probe, settings.probe], list(prompts),
+                      max_tokens=settings.max_tokens, seed=settings.seed, force=any_arch,
+                      batched=settings.strategy == "search")
     for layer in layers:
-        rows = open_ended(engine, vector, layer, [-settings.probe, settings.probe], list(prompts),
-                          max_tokens=settings.max_tokens, seed=settings.seed, force=any_arch,
-                          batched=settings.strategy == "search")
-        side = {m: [r["answer"] for r in rows if r["multiplier"] == m] for m in (-settings.probe, settings.probe)}
+        side = {m: [r["answer"] for r in rows if r["layer"] == layer and r["multiplier"] == m]
+                for m in (-settings.probe, settings.probe)}
         if any(np.mean([M.degenerate(a) for a in answers]) > 0.2 for answers in side.values()):
             out[layer] = -math.inf
             continue

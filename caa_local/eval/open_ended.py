@@ -34,7 +34,7 @@ BATCH_SEQUENCES = 8  # sequences decoded together: past about 8, 2-4 cores gain 
 def open_ended(
     engine: Engine,
     vector: ControlVector,
-    layer: int,
+    layers: Sequence[int],
     multipliers: Sequence[float],
     prompts: Sequence[str],
     max_tokens: int = 128,
@@ -44,33 +44,31 @@ def open_ended(
     repeat_penalty: float = 1.1,
     batched: bool = True,
 ) -> list[dict[str, Any]]:
-    """Greedy answers to every prompt at every multiplier (one row each). ``batched``: all of
-    them decode together in one ``Batch`` (a steering per sequence), else one at a time."""
+    """Greedy answers to every prompt at every (layer, multiplier), one row each, layer by layer.
+    ``batched``: all of them decode together in one ``Batch`` (a steering per sequence), else one
+    at a time."""
     unit = engine.make_term("eval", vector, 1.0, any_arch=force)  # the vector's one validation
-    check_vector_layers([layer], vector.layers, engine.n_layer)
-    unit = unit.at(layer=layer)
+    check_vector_layers(list(layers), vector.layers, engine.n_layer)
     multipliers = check_multipliers(multipliers)
     if not prompts:
         raise CaaError("no prompts to answer")
+    cells = [(unit.at(layer=layer, scale=mult), mult) for layer in layers for mult in multipliers]
     # Greedy as in the paper, with a mild repetition penalty: small models loop otherwise.
     sampling = Sampling(temperature=0.0, seed=seed, max_tokens=max_tokens, repeat_penalty=repeat_penalty)
     rows: list[dict[str, Any]] = []
     if batched:
-        items = []
-        for mult in multipliers:
-            terms = (unit.at(scale=mult),) if mult != 0.0 else ()
-            for prompt in prompts:
-                tokens, steer_from = engine.prompt(user_turn(prompt))
-                items.append(Conversation(tokens, steer_from, terms, sampling))
+        rendered = [engine.prompt(user_turn(prompt)) for prompt in prompts]
+        items = [Conversation(tokens, steer_from, (term,) if mult != 0.0 else (), sampling)
+                 for term, mult in cells for tokens, steer_from in rendered]
         longest = max(len(item.tokens) for item in items) + max_tokens + 1
         batch = Batch(engine.model, n_seq=min(len(items), BATCH_SEQUENCES), n_ctx=min(longest, engine.n_ctx),
-                                   n_threads=engine.n_threads)
+                      n_threads=engine.n_threads)
         answers = iter(batch.run(items))
-    for mult in multipliers:
-        with engine.steered([unit.at(scale=mult)] if mult != 0.0 and not batched else []):
+    for term, mult in cells:
+        with engine.steered([term] if mult != 0.0 and not batched else []):
             for prompt in prompts:
                 result = next(answers) if batched else engine.generate(user_turn(prompt), sampling)
-                rows.append({"prompt": prompt, "multiplier": mult, "layer": layer, "answer": result.text})
+                rows.append({"prompt": prompt, "multiplier": mult, "layer": term.layers[0], "answer": result.text})
                 if progress:
                     progress(1)
     return rows
@@ -159,9 +157,8 @@ def open_ended_eval(engine: Engine, vector: ControlVector, layers: Sequence[int]
     multipliers = check_multipliers(multipliers)
     rows: list[dict[str, Any]] = []
     with bar(len(plan.prompts) * len(multipliers) * len(layers), "generate", "answer") as update:
-        for layer in layers:
-            rows += open_ended(engine, vector, layer, multipliers, plan.prompts, plan.max_tokens, plan.seed,
-                               update, force, plan.repeat_penalty)
+        rows = open_ended(engine, vector, layers, multipliers, plan.prompts, plan.max_tokens, plan.seed,
+                          update, force, plan.repeat_penalty)
     for row in rows:
         row.update({m: METRICS[m](row["answer"]) for m in dict.fromkeys([*plan.metrics, *FLUENCY])})
     if plan.perplexity:

@@ -167,7 +167,7 @@ def paper_report(out_dir: str | Path, inputs: PaperInputs, config: PaperConfig =
         p_match_vs_layer(transfer, out / f"{behavior}_transfer.png", force=True)
         say(f"{behavior}: open-ended answers (paper protocol)")
         prompts = _open_ended_prompts(behavior, config.open_ended_limit)
-        rows = open_ended(engine, vector, layer, OPEN_ENDED_MULTIPLIERS, prompts, protocol.max_tokens,
+        rows = open_ended(engine, vector, [layer], OPEN_ENDED_MULTIPLIERS, prompts, protocol.max_tokens,
                           force=True, repeat_penalty=protocol.repeat_penalty)
         if inputs.judge is not None:
             rows = judge(inputs.judge, rows, behavior)
