@@ -25,7 +25,7 @@ from caa_local.core.datasets import load_ab
 from caa_local.core.locate import load_vector
 from caa_local.engine.engine import Engine, Sampling
 from caa_local.engine.reads import extract
-from caa_local.engine.rpc import RpcError, check_worker, parse_endpoints
+from caa_local.engine.rpc import RpcError, parse_endpoints, wait_for_worker
 from caa_local.engine.scoring import choices_from_items, score_ab
 
 pytestmark = pytest.mark.slow
@@ -54,16 +54,12 @@ def start_worker(port: int, *extra: str) -> subprocess.Popen[str]:
     worker = subprocess.Popen(
         [sys.executable, "-m", "caa_local.cli", "rpc-worker", "--port", str(port), "--threads", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), preexec_fn=default_sigint)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            check_worker(f"127.0.0.1:{port}", timeout=2)
-            return worker
-        except RpcError:
-            if worker.poll() is not None or time.monotonic() > deadline:
-                worker.kill()
-                raise AssertionError(f"worker on {port} did not start: {worker.communicate()}") from None
-            time.sleep(0.2)
+    try:
+        wait_for_worker(worker, f"127.0.0.1:{port}")
+    except RpcError as err:
+        worker.kill()
+        raise AssertionError(f"{err}: {worker.communicate()}") from None
+    return worker
 
 
 def stop(worker: subprocess.Popen[str]) -> None:

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +193,7 @@ def run(cfg: Config, echo: Callable[[str], None] = lambda _text: None) -> list[R
 @contextlib.contextmanager
 def rpc_worker(threads: int) -> Iterator[str]:
     """A `caa-local rpc-worker` on a free loopback port for the duration of the block."""
-    from caa_local.engine.rpc import RpcError, check_worker
+    from caa_local.engine.rpc import wait_for_worker
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -203,15 +202,7 @@ def rpc_worker(threads: int) -> Iterator[str]:
     worker = subprocess.Popen([sys.executable, "-m", "caa_local.cli", "rpc-worker", "--port", str(port),
                                "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                check_worker(endpoint, timeout=2)
-                break
-            except RpcError as err:
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise CaaError(f"bench: the RPC worker did not start: {err}") from None
-                time.sleep(0.1)
+        wait_for_worker(worker, endpoint)
         yield endpoint
     finally:
         worker.kill()

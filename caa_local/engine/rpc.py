@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from caa_local.core.errors import CaaError
 from caa_local.engine import _native
@@ -81,6 +84,20 @@ def check_worker(endpoint: str, timeout: float = 10.0) -> tuple[int, int, int]:
                        f"llama.cpp {_native.RPC_PROTO_MAJOR}.{_native.RPC_PROTO_MINOR} (run the same "
                        "llama.cpp version on both sides)")
     return major, minor, patch
+
+
+def wait_for_worker(worker: subprocess.Popen[Any], endpoint: str, timeout: float = 60.0) -> None:
+    """Wait until the just-started ``caa-local rpc-worker`` process ``worker`` answers at
+    ``endpoint``; RpcError if it exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_worker(endpoint, timeout=2)
+            return
+        except RpcError as err:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RpcError(f"the RPC worker at {endpoint} did not start: {err}") from None
+            time.sleep(0.1)
 
 
 def _recv(sock: socket.socket, n: int, endpoint: str) -> bytes:
