@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from caa_local import __version__
+from caa_local.cli.shared import BACKEND_HELP
 from caa_local.core.errors import CaaError
 
 # name -> ("module:attribute" of a click.Command, one-line help shown by --help)
@@ -117,6 +118,29 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
                      help="Layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
         rpc_option,
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def extraction_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--model/--backend/--ctx/--threads/--gpu-layers/--device/--force, shared by the commands that
+    extract a vector from a GGUF (native) or a Hugging Face model (torch)."""
+    options = [
+        click.option("model_ref", "--model", "-m", default=None,
+                     help="GGUF file, HF directory or hub id (default: the default GGUF model)."),
+        click.option("backend", "--backend", type=click.Choice(["auto", "native", "torch"]), default="auto",
+                     show_default=True, help=BACKEND_HELP),
+        click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
+                     help="native: context size in tokens (bounds the longest prompt)."),
+        click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
+                     help="CPU threads (0, the default: all cores; torch: its own default)."),
+        click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
+                     help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
+        click.option("device", "--device", default="cpu", show_default=True,
+                     help="torch: cpu, cuda, cuda:N, mps, or auto (accelerate device_map for big models)."),
+        click.option("--force", is_flag=True, help="Overwrite OUT if it exists."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from caa_local.cli import warn
-from caa_local.cli.shared import BACKEND_HELP, resolve_backend, target_path
+from caa_local.cli import extraction_options, warn
+from caa_local.cli.shared import resolve_backend, target_path
 from caa_local.core.errors import CaaError
 
 
@@ -47,10 +47,7 @@ def open_reading_engine(model_path: Path | None, n_threads: int, n_gpu_layers: i
 
 @condition.command(name="extract")
 @click.argument("sources", nargs=-1, required=True, metavar="DATASET | POS NEG")
-@click.option("model_ref", "--model", "-m", default=None,
-              help="GGUF file, HF directory or hub id (default: the default GGUF model).")
-@click.option("backend", "--backend", type=click.Choice(["auto", "native", "torch"]), default="auto",
-              show_default=True, help=BACKEND_HELP)
+@extraction_options
 @click.option("out", "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output GGUF (default: NAME.gguf in the current directory).")
 @click.option("layers_spec", "--layers", default=None, metavar="SPEC",
@@ -58,14 +55,6 @@ def open_reading_engine(model_path: Path | None, n_threads: int, n_gpu_layers: i
 @click.option("limit", "--limit", type=click.IntRange(min=5), default=None, help="Use at most N prompts a side.")
 @click.option("batch_size", "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
               help="Prompts per forward pass.")
-@click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
-              help="native: context size in tokens (bounds the longest prompt).")
-@click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
-              help="CPU threads (0, the default: all cores).")
-@click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
-              help="native: layers to offload to GPU (-1: all).")
-@click.option("device", "--device", default="cpu", show_default=True, help="torch: cpu, cuda, mps or auto.")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("run_calibrate", "--calibrate", is_flag=True,
               help="Then calibrate it (layer, threshold, comparison) on the GGUF model.")
 def extract(sources: tuple[str, ...], model_ref: str | None, backend: str, out: Path | None,

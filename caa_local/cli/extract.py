@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from caa_local.cli import chat_template_option, rpc_option
-from caa_local.cli.shared import BACKEND_HELP, resolve_backend
+from caa_local.cli import chat_template_option, extraction_options, rpc_option
+from caa_local.cli.shared import resolve_backend
 from caa_local.core.errors import CaaError
 
 
@@ -19,10 +19,7 @@ def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> Non
 
 @click.command(name="extract")
 @click.argument("dataset")
-@click.option("model_ref", "--model", "-m", default=None,
-              help="GGUF file, HF directory or hub id (default: the default GGUF model).")
-@click.option("backend", "--backend", type=click.Choice(["auto", "native", "torch"]), default="auto",
-              show_default=True, help=BACKEND_HELP)
+@extraction_options
 @click.option("out", "--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output GGUF (default: DATASET_NAME.gguf in the current directory).")
 @click.option("batch_size", "--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
@@ -33,19 +30,10 @@ def _torch_only(ctx: click.Context, backend: str, names: tuple[str, ...]) -> Non
 @click.option("layers_spec", "--layers", default="all", show_default=True, help="Layers to extract.")
 @click.option("read", "--read", type=click.Choice(["answer-letter", "answer-mean", "answer-text"]), default="answer-letter",
               show_default=True, help="Where to read: the answer letter (the paper), the mean over '(A', or the mean over the whole answer text (strong on small models).")
-@click.option("device", "--device", default="cpu", show_default=True,
-              help="torch: cpu, cuda, cuda:N, mps, or auto (accelerate device_map for big models).")
 @click.option("dtype", "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="torch: dtype for the model.")
-@click.option("n_ctx", "--ctx", type=click.IntRange(min=16), default=4096, show_default=True,
-              help="native: context size in tokens (bounds the longest prompt).")
-@click.option("n_threads", "--threads", "-t", type=click.IntRange(min=0), default=0,
-              help="CPU threads (0, the default: all cores; torch: its own default).")
-@click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
-              help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp.")
 @rpc_option
 @chat_template_option
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("run_calibrate", "--calibrate", is_flag=True,
               help="Then run a quick `caa-local calibrate` on the GGUF model (needs a .gguf --model or the default).")
 @click.pass_context
