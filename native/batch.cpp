@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 
 namespace caa {
 
@@ -166,7 +167,37 @@ void Batch::decode(llama_batch & batch, const std::vector<const Steering *> & ro
     }
 }
 
+uint32_t Batch::free_sequence(const BatchRequest & r, uint64_t steering_id, const std::vector<char> & written) const {
+    // The free sequence whose cache shares the longest prefix; the lowest id on a tie
+    // (llama.cpp decodes consecutive sequence ids in one ubatch). A cache that a request of
+    // this admission left (a scoring request ends at once) is overwritten only when no other
+    // sequence is free, so requests scored together (two steerings' answers to one prompt)
+    // each keep theirs for the next turn.
+    for (const bool spare_written : {true, false}) {
+        uint32_t best = n_seq_;
+        size_t best_len = 0;
+        for (uint32_t s = 0; s < n_seq_; ++s) {
+            if (seqs_[s].live) {
+                continue;
+            }
+            const size_t len = reusable(seqs_[s], r, steering_id);
+            if (spare_written && written[s] && len < seqs_[s].tokens.size()) {
+                continue;
+            }
+            if (best == n_seq_ || len > best_len) {
+                best = s;
+                best_len = len;
+            }
+        }
+        if (best != n_seq_) {
+            return best;
+        }
+    }
+    throw std::logic_error("no free sequence to admit a request into");
+}
+
 void Batch::admit(std::vector<BatchEvent> & events) {
+    std::vector<char> written(n_seq_, 0); // sequences a request of this admission left its cache in
     while (true) {
         std::pair<int64_t, BatchRequest> next;
         {
@@ -189,23 +220,11 @@ void Batch::admit(std::vector<BatchEvent> & events) {
         live->request = std::move(next.second);
         live->steering_id = live->request.steering.id();
         live->start = Clock::now();
-        // The free sequence whose cache shares the longest prefix; the lowest id on a tie
-        // (llama.cpp decodes consecutive sequence ids in one ubatch).
-        uint32_t best = n_seq_;
-        size_t best_len = 0;
-        for (uint32_t s = 0; s < n_seq_; ++s) {
-            if (seqs_[s].live) {
-                continue;
-            }
-            const size_t len = reusable(seqs_[s], live->request, live->steering_id);
-            if (best == n_seq_ || len > best_len) {
-                best = s;
-                best_len = len;
-            }
-        }
+        const uint32_t best = free_sequence(live->request, live->steering_id, written);
         seqs_[best].live = std::move(live);
         ++n_live_;
         prefill(best, events);
+        written[best] = 1;
     }
 }
 

@@ -108,6 +108,7 @@ class Batch {
     // Adds the log-probability of each token after an output row of the last decode to `live`.
     void add_logprobs(Live & live, size_t first_pos, int32_t n_rows, int32_t first_row);
 
+    uint32_t free_sequence(const BatchRequest & r, uint64_t steering_id, const std::vector<char> & written) const;
     void admit(std::vector<BatchEvent> & events);
     void prefill(uint32_t seq, std::vector<BatchEvent> & events);
     void decode_step(std::vector<BatchEvent> & events);

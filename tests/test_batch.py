@@ -269,6 +269,27 @@ def test_perplexities_equal_the_engines_and_each_turn_starts_from_the_last(
     assert np.isnan(got[2])  # nothing to score
 
 
+def test_answers_to_one_prompt_scored_together_each_keep_their_kv(model: Model, engine: Engine,
+                                                                  mixed: list[Conversation]) -> None:
+    """Two steerings answer one prompt and both answers are scored in one call (calibration's
+    search does this for both sides): each scored conversation keeps its own sequence, so
+    each follow-up reuses its whole first turn. (A scoring request ends as it is admitted; a
+    later one of the same call must not overwrite the sequence it left.)"""
+    from caa_local.engine.scoring import answer_span
+
+    batch = Batch(model, n_seq=4, n_ctx=512, n_threads=2)
+    items = [mixed[0], dataclasses.replace(mixed[1], tokens=mixed[0].tokens, steer_from=mixed[0].steer_from)]
+    answers = [r.text for r in batch.run(items)]
+    assert answers[0] != answers[1]
+    first = [{"role": "user", "content": PROMPTS[0]}]
+    batch.perplexities([answer_span(engine, first, a)[::2] for a in answers])
+    follow_ups = [Conversation(*engine.prompt([*first, {"role": "assistant", "content": a},
+                                               {"role": "user", "content": "Why?"}]), item.terms, GREEDY)
+                  for a, item in zip(answers, items)]
+    for reply, answer in zip(batch.run(follow_ups), answers):
+        assert reply.n_reused_tokens >= len(engine.prompt(first, answer)[0]) - 1
+
+
 def test_kept_logprobs_score_unsteered_answers_as_a_fresh_decode_does(
         model: Model, engine: Engine, mixed: list[Conversation], tolerance: float) -> None:
     """With keep_logprobs, the perplexity of an unsteered answer comes from what its decode
