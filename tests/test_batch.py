@@ -19,7 +19,7 @@ import pytest
 
 from caa_local.core.errors import CaaError
 from caa_local.core.vector import ControlVector
-from caa_local.engine.batch import Batch, Conversation
+from caa_local.engine.batch import Batch, Conversation, sequences_within
 from caa_local.engine.engine import CHAT_SAMPLING, ContextFullError, Engine, GenerationResult, Model, Sampling
 from caa_local.core.locate import load_vector
 
@@ -365,6 +365,22 @@ def test_a_follow_up_reuses_the_cached_conversation(model: Model, engine: Engine
     compare(first_alone, first_mixed, tolerance)
     if first_alone[0].tokens == first_mixed[0].tokens:  # else a near-tie gave two other histories
         compare(again_alone, again_mixed, tolerance)
+
+
+def test_sequences_within_keep_a_batch_inside_its_kv_budget(model: Model) -> None:
+    """A batch a command sizes itself holds as many sequences as fit the KV budget: K and V
+    per token (f16, every layer, the KV heads the GGUF declares) times the padded context,
+    never fewer than one; the context llama.cpp builds holds them."""
+    arch = model.architecture
+    head_dim = model.n_embd // int(model.meta(f"{arch}.attention.head_count"))
+    kv_heads = int(model.meta(f"{arch}.attention.head_count_kv"))
+    assert model.kv_bytes_per_token == 2 * 2 * model.n_layer * head_dim * kv_heads
+    per_sequence = 768 * model.kv_bytes_per_token  # 700 tokens pad to 768
+    assert sequences_within(model, 16, 700) == 16
+    assert sequences_within(model, 16, 700, kv_budget_bytes=3 * per_sequence + 1) == 3
+    assert sequences_within(model, 16, 700, kv_budget_bytes=per_sequence - 1) == 1
+    n_seq = sequences_within(model, 8, 700, kv_budget_bytes=2 * per_sequence)
+    assert Batch(model, n_seq=n_seq, n_ctx=700, n_threads=2).n_seq == 2
 
 
 def test_bad_requests_get_one_clear_error(model: Model, engine: Engine) -> None:

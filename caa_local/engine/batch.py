@@ -40,6 +40,19 @@ if TYPE_CHECKING:
     from caa_local.engine.engine import Model
 
 
+# KV cache a batch that a command sizes itself (calibration, evaluation) may take: a 7B model
+# without grouped-query attention (512 KiB a token) gets 5 sequences of 768 tokens, the
+# default model every one it asks for. (The server's --parallel and --ctx are the user's.)
+KV_BUDGET_BYTES = 2 << 30
+
+
+def sequences_within(model: Model, wanted: int, n_ctx: int, kv_budget_bytes: int = KV_BUDGET_BYTES) -> int:
+    """How many of ``wanted`` sequences of ``n_ctx`` tokens a batch on ``model`` holds within
+    the KV budget (at least one)."""
+    per_sequence = -(-n_ctx // 256) * 256 * model.kv_bytes_per_token  # llama.cpp pads a stream to 256
+    return max(1, min(wanted, _native.LLAMA_MAX_SEQ, kv_budget_bytes // per_sequence))
+
+
 @dataclass(frozen=True)
 class Conversation:
     """One prompt to answer: tokens already rendered (``Engine.prompt``), where steering starts,

@@ -109,6 +109,7 @@ class Model:
         self.n_embd: int = self.native.n_embd
         self.n_layer: int = self.native.n_layer
         self.n_vocab: int = self.native.n_vocab
+        self.kv_bytes_per_token: int = self.native.kv_bytes_per_token
         self.architecture: str = self.native.meta("general.architecture")
         self.name: str = self.native.meta("general.name") or self.path.stem
         self.bos_token = self._special("tokenizer.ggml.bos_token_id")

@@ -32,7 +32,7 @@ import numpy as np
 from caa_local.core.errors import CaaError
 from caa_local.core.templates import Message
 from caa_local.core.vector import ControlVector
-from caa_local.engine.batch import Batch, Conversation
+from caa_local.engine.batch import Batch, Conversation, sequences_within
 from caa_local.engine.engine import CHAT_SAMPLING
 from caa_local.engine.scoring import answer_span, perplexity
 from caa_local.eval import metrics as M
@@ -335,8 +335,10 @@ def _conversation_batch(engine: Any, conversations: Sequence[Sequence[str]], max
     framing = len(engine.prompt([{"role": "user", "content": ""}])[0])  # system prompt + a turn's markup
     longest = max(sum(len(engine.tokenize(text)) + framing for text in turns) + len(turns) * max_tokens
                   for turns in conversations) + 64  # slack: an answer may re-tokenize longer
-    n_seq = n_seq or min(2 * len(conversations), 16)  # the search asks both sides at once
-    batch = Batch(engine.model, n_seq=n_seq, n_ctx=min(longest, engine.n_ctx), n_threads=engine.n_threads)
+    n_ctx = min(longest, engine.n_ctx)
+    # The search asks both sides at once.
+    n_seq = n_seq or sequences_within(engine.model, min(2 * len(conversations), 16), n_ctx)
+    batch = Batch(engine.model, n_seq=n_seq, n_ctx=n_ctx, n_threads=engine.n_threads)
     batch.keep_logprobs = True  # multiplier 0's answers are scored as they are sampled
     return batch
 

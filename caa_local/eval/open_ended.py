@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from caa_local.engine.batch import Batch, Conversation
+from caa_local.engine.batch import Batch, Conversation, sequences_within
 from caa_local.core.errors import CaaError
 from caa_local.core.layers import check_vector_layers
 from caa_local.core.steering import check_multipliers
@@ -60,9 +60,9 @@ def open_ended(
         rendered = [engine.prompt(user_turn(prompt)) for prompt in prompts]
         items = [Conversation(tokens, steer_from, (term,) if mult != 0.0 else (), sampling)
                  for term, mult in cells for tokens, steer_from in rendered]
-        longest = max(len(item.tokens) for item in items) + max_tokens + 1
-        batch = Batch(engine.model, n_seq=min(len(items), BATCH_SEQUENCES), n_ctx=min(longest, engine.n_ctx),
-                      n_threads=engine.n_threads)
+        n_ctx = min(max(len(item.tokens) for item in items) + max_tokens + 1, engine.n_ctx)
+        batch = Batch(engine.model, n_seq=sequences_within(engine.model, min(len(items), BATCH_SEQUENCES), n_ctx),
+                      n_ctx=n_ctx, n_threads=engine.n_threads)
         answers = iter(batch.run(items))
     for term, mult in cells:
         with engine.steered([term] if mult != 0.0 and not batched else []):
