@@ -50,7 +50,7 @@ def sequences_within(model: Model, wanted: int, n_ctx: int, kv_budget_bytes: int
     """How many of ``wanted`` sequences of ``n_ctx`` tokens a batch on ``model`` holds within
     the KV budget (at least one)."""
     per_sequence = -(-n_ctx // 256) * 256 * model.kv_bytes_per_token  # llama.cpp pads a stream to 256
-    return max(1, min(wanted, _native.LLAMA_MAX_SEQ, kv_budget_bytes // per_sequence))
+    return max(1, min(wanted, _native.LLAMA_MAX_SEQ, kv_budget_bytes // max(per_sequence, 1)))
 
 
 @dataclass(frozen=True)
