@@ -4,7 +4,6 @@
 
 #include <llama.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -26,12 +25,6 @@ class Model {
     int32_t n_embd() const { return llama_model_n_embd(model_.get()); }
     int32_t n_layer() const { return llama_model_n_layer(model_.get()); }
     int32_t n_vocab() const { return llama_vocab_n_tokens(vocab_); }
-    // Bytes of KV cache one token takes in a context (K and V, f16, every layer).
-    int64_t kv_bytes_per_token() const {
-        const int64_t n_head = std::max<int32_t>(llama_model_n_head(model_.get()), 1);
-        const int64_t n_embd_kv = static_cast<int64_t>(n_embd()) / n_head * llama_model_n_head_kv(model_.get());
-        return 2 * 2 * static_cast<int64_t>(n_layer()) * n_embd_kv;
-    }
     llama_model * get() const { return model_.get(); }
     const llama_vocab * vocab() const { return vocab_; }
 

@@ -52,7 +52,6 @@ NB_MODULE(_native, m) {
         .def_prop_ro("n_embd", &caa::Model::n_embd)
         .def_prop_ro("n_layer", &caa::Model::n_layer)
         .def_prop_ro("n_vocab", &caa::Model::n_vocab)
-        .def_prop_ro("kv_bytes_per_token", &caa::Model::kv_bytes_per_token)
         .def("meta", [](const caa::Model & s, const std::string & key) { return lenient_str(s.meta(key)); },
              "key"_a, "Model metadata value as a string, '' when absent.")
         // Without the GIL: a server tokenizes a long prompt on a worker thread while its event loop runs.

@@ -368,14 +368,33 @@ def test_a_follow_up_reuses_the_cached_conversation(model: Model, engine: Engine
 
 
 def test_sequences_within_keep_a_batch_inside_its_kv_budget(model: Model) -> None:
-    """A batch a command sizes itself holds as many sequences as fit the KV budget: K and V
-    per token (f16, every layer, the KV heads the GGUF declares) times the padded context,
-    never fewer than one; the context llama.cpp builds holds them."""
-    arch = model.architecture
-    head_dim = model.n_embd // int(model.meta(f"{arch}.attention.head_count"))
-    kv_heads = int(model.meta(f"{arch}.attention.head_count_kv"))
-    assert model.kv_bytes_per_token == 2 * 2 * model.n_layer * head_dim * kv_heads
+    """A batch a command sizes itself holds as many sequences as fit the KV budget: the KV one
+    token takes (as llama.cpp saves a sequence's state: its K and V plus a few bytes naming the
+    cell) times the padded context, never fewer than one; the context llama.cpp builds holds them."""
+    import llama_cpp as lc
+
+    params = lc.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch = 512, 100, 100
+    weights = lc.llama_model_load_from_file(str(model.path).encode(), lc.llama_model_default_params())
+    ctx = lc.llama_init_from_model(weights, params)
+    batch = lc.llama_batch_init(100, 0, 1)
+    tokens = model.tokenize("one two three four " * 60)
+    saved = []
+    try:
+        for start in (0, 100):
+            for k in range(100):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = tokens[start + k], start + k, 1, False
+                batch.seq_id[k][0] = 0
+            batch.n_tokens = 100
+            assert lc.llama_decode(ctx, batch) == 0
+            saved.append(lc.llama_state_seq_get_size(ctx, 0))
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(weights)
+    assert model.kv_bytes_per_token <= (saved[1] - saved[0]) / 100 <= model.kv_bytes_per_token + 64
     per_sequence = 768 * model.kv_bytes_per_token  # 700 tokens pad to 768
+    assert model.kv_stream_bytes(700) == per_sequence
     assert sequences_within(model, 16, 700) == 16
     assert sequences_within(model, 16, 700, kv_budget_bytes=3 * per_sequence + 1) == 3
     assert sequences_within(model, 16, 700, kv_budget_bytes=per_sequence - 1) == 1

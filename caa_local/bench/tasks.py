@@ -216,12 +216,7 @@ def _decode_transformers_side(cfg: Config) -> dict[str, Any]:
 def _rss_generate_group(cfg: Config) -> dict[str, Any]:
     engine = _engine(cfg)
     engine.generate([{"role": "user", "content": STORY}], _greedy(cfg.decode_tokens))
-    meta, arch = engine.meta, engine.architecture
-    n_head = int(meta(f"{arch}.attention.head_count") or 1)
-    n_head_kv = int(meta(f"{arch}.attention.head_count_kv") or n_head)
-    k_dim = int(meta(f"{arch}.attention.key_length") or engine.n_embd // n_head)
-    v_dim = int(meta(f"{arch}.attention.value_length") or k_dim)
-    kv_bytes = engine.n_ctx * engine.n_layer * n_head_kv * (k_dim + v_dim) * 2  # f16 K and V
+    kv_bytes = engine.n_ctx * engine.model.kv_bytes_per_token
     budget = (engine.model_path.stat().st_size + kv_bytes) / (1 << 20) + 150
     return {"figures": {"peak_rss_generate_mib": {"value": [peak_rss_mib()]}},
             "facts": {"rss_budget_mib": budget, "kv_cache_mib": kv_bytes / (1 << 20),

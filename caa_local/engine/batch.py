@@ -49,8 +49,8 @@ KV_BUDGET_BYTES = 2 << 30
 def sequences_within(model: Model, wanted: int, n_ctx: int, kv_budget_bytes: int = KV_BUDGET_BYTES) -> int:
     """How many of ``wanted`` sequences of ``n_ctx`` tokens a batch on ``model`` holds within
     the KV budget (at least one)."""
-    per_sequence = -(-n_ctx // 256) * 256 * model.kv_bytes_per_token  # llama.cpp pads a stream to 256
-    return max(1, min(wanted, _native.LLAMA_MAX_SEQ, kv_budget_bytes // max(per_sequence, 1)))
+    fit = kv_budget_bytes // max(model.kv_stream_bytes(n_ctx), 1)
+    return max(1, min(wanted, _native.LLAMA_MAX_SEQ, fit))
 
 
 @dataclass(frozen=True)

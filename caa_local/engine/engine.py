@@ -29,6 +29,7 @@ scoring and block-output reads live beside the engine (``caa_local.engine.scorin
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -109,7 +110,6 @@ class Model:
         self.n_embd: int = self.native.n_embd
         self.n_layer: int = self.native.n_layer
         self.n_vocab: int = self.native.n_vocab
-        self.kv_bytes_per_token: int = self.native.kv_bytes_per_token
         self.architecture: str = self.native.meta("general.architecture")
         self.name: str = self.native.meta("general.name") or self.path.stem
         self.bos_token = self._special("tokenizer.ggml.bos_token_id")
@@ -149,6 +149,22 @@ class Model:
     def meta(self, key: str) -> str:
         """The GGUF metadata value for ``key`` as a string, '' when absent."""
         return self.native.meta(key)
+
+    @functools.cached_property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache one token takes in a context: K and V in f16 at every layer, with the KV
+        heads and head sizes the GGUF declares (all heads where it declares none, or per layer)."""
+        def number(key: str, default: int) -> int:
+            value = self.meta(f"{self.architecture}.attention.{key}")
+            return int(value) if value.isdigit() else default
+
+        n_head = max(number("head_count", 1), 1)
+        k_dim = number("key_length", self.n_embd // n_head)
+        return self.n_layer * number("head_count_kv", n_head) * (k_dim + number("value_length", k_dim)) * 2
+
+    def kv_stream_bytes(self, n_tokens: int) -> int:
+        """KV cache of one sequence's stream holding ``n_tokens`` (llama.cpp pads it to 256 cells)."""
+        return -(-n_tokens // 256) * 256 * self.kv_bytes_per_token
 
     def tokenize(self, text: str) -> list[int]:
         # Templates render BOS themselves, as transformers' apply_chat_template does.

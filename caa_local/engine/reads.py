@@ -41,11 +41,8 @@ Progress = Callable[[int], None]
 
 
 def stream_bytes(engine: Engine, max_len: int) -> int:
-    """KV cache of one reader stream holding prompts of up to ``max_len`` tokens (f16 K and V)."""
-    n_head = int(engine.meta(f"{engine.architecture}.attention.head_count") or 1)
-    n_head_kv = int(engine.meta(f"{engine.architecture}.attention.head_count_kv") or n_head)
-    kv_dim = engine.n_embd * n_head_kv // max(n_head, 1)
-    return (max_len + 1 + 255) // 256 * 256 * engine.n_layer * 2 * kv_dim * 2
+    """KV cache of one reader stream holding prompts of up to ``max_len`` tokens."""
+    return engine.model.kv_stream_bytes(max_len + 1)
 
 
 def max_pairs(engine: Engine, batch_size: int, max_len: int, kv_budget_bytes: int = KV_BUDGET_BYTES) -> int:
