@@ -20,12 +20,16 @@ class Model {
   public:
     // n_gpu_layers < 0: offload every layer. rpc_endpoints ("host:port", may be empty): llama.cpp
     // RPC workers whose devices come first in the offload order, before local GPUs (as --rpc).
-    Model(const std::string & path, int32_t n_gpu_layers, const std::vector<std::string> & rpc_endpoints = {});
+    // flash_attn: every context's flash attention (AUTO: llama.cpp chooses per device).
+    Model(const std::string & path, int32_t n_gpu_layers, const std::vector<std::string> & rpc_endpoints = {},
+          llama_flash_attn_type flash_attn = LLAMA_FLASH_ATTN_TYPE_AUTO);
 
     int32_t n_embd() const { return llama_model_n_embd(model_.get()); }
     int32_t n_layer() const { return llama_model_n_layer(model_.get()); }
     int32_t n_vocab() const { return llama_vocab_n_tokens(vocab_); }
     llama_model * get() const { return model_.get(); }
+    // What every context on this model is made with.
+    llama_flash_attn_type flash_attn() const { return flash_attn_; }
     const llama_vocab * vocab() const { return vocab_; }
 
     // Model metadata value for `key`, "" when absent.
@@ -40,6 +44,7 @@ class Model {
   private:
     ModelPtr model_;
     const llama_vocab * vocab_ = nullptr;
+    llama_flash_attn_type flash_attn_ = LLAMA_FLASH_ATTN_TYPE_AUTO;
 };
 
 using SharedModel = std::shared_ptr<Model>;

@@ -45,10 +45,21 @@ NB_MODULE(_native, m) {
     m.attr("LLAMA_MAX_SEQ") = caa::max_sequences();
 
     nb::class_<caa::Model>(m, "Model")
-        .def(nb::init<const std::string &, int32_t, const std::vector<std::string> &>(), "path"_a,
-             "n_gpu_layers"_a = 0, "rpc"_a = std::vector<std::string>{}, nb::call_guard<nb::gil_scoped_release>(),
-             "Load a GGUF model; n_gpu_layers < 0 offloads all; rpc: host:port of llama.cpp RPC workers, "
-             "offloaded to first.")
+        .def(
+            "__init__",
+            [](caa::Model * self, const std::string & path, int32_t n_gpu_layers, const std::vector<std::string> & rpc,
+               int32_t flash_attn) {
+                if (flash_attn < -1 || flash_attn > 1) {
+                    throw std::invalid_argument("flash_attn must be -1 (auto), 0 (off) or 1 (on)");
+                }
+                new (self) caa::Model(path, n_gpu_layers, rpc, static_cast<llama_flash_attn_type>(flash_attn));
+            },
+            "path"_a, "n_gpu_layers"_a = 0, "rpc"_a = std::vector<std::string>{}, "flash_attn"_a = -1,
+            nb::call_guard<nb::gil_scoped_release>(),
+            "Load a GGUF model; n_gpu_layers < 0 offloads all; rpc: host:port of llama.cpp RPC workers, "
+            "offloaded to first; flash_attn: -1 auto (llama.cpp chooses per device), 0 off, 1 on.")
+        .def_prop_ro("flash_attn", [](const caa::Model & s) { return static_cast<int32_t>(s.flash_attn()); },
+                     "-1 (llama.cpp decides per device), 0 (off) or 1 (on): what every context gets.")
         .def_prop_ro("n_embd", &caa::Model::n_embd)
         .def_prop_ro("n_layer", &caa::Model::n_layer)
         .def_prop_ro("n_vocab", &caa::Model::n_vocab)

@@ -101,6 +101,7 @@ ContextPtr make_context(const Model & model, uint32_t n_ctx, uint32_t n_batch, u
     // One KV stream per sequence. (With a unified cache, llama.cpp 0.3.36 gave every sequence
     // after the first wrong attention when several prompts shared a context: measured.)
     cparams.kv_unified      = false;
+    cparams.flash_attn_type = model.flash_attn();
     cparams.cb_eval           = cb_eval;
     cparams.cb_eval_user_data = cb_user_data;
     llama_context * ctx = llama_init_from_model(model.get(), cparams);

@@ -191,3 +191,18 @@ def test_cli_runner_debug_keeps_the_exception(files: dict[str, Path]) -> None:
     assert result.exit_code == 1
     assert isinstance(result.exception, VectorFileError)
     assert "Error:" not in result.stderr
+
+
+def test_flash_attn_is_a_choice_every_engine_command_takes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--flash-attn on/off/auto reaches the engine (tests/test_scoring_oracle.py checks the numbers);
+    anything else is a usage error, and bench, which measures llama.cpp's default, refuses a choice."""
+    for choice in ("on", "off"):
+        out_path = tmp_path / f"{choice}.json"
+        code, _, err = run_cli(capsys, ["generate", "Say hello.", "--flash-attn", choice, "--temperature", "0",
+                                        "--max-tokens", "4", "--threads", "1", "--json", str(out_path)])
+        assert code == 0 and "Traceback" not in err, err
+        assert json.loads(out_path.read_text())["text"]
+    code, _, err = run_cli(capsys, ["generate", "Say hello.", "--flash-attn", "sideways"])
+    assert code == 2 and "'sideways' is not one of 'auto', 'on', 'off'" in err, err
+    code, _, err = run_cli(capsys, ["bench", "--flash-attn", "off", "--quick"])
+    assert code == 1 and "--flash-attn is not supported here" in err and "Traceback" not in err, err

@@ -103,3 +103,21 @@ def test_scores_equal_llama_cpp_pythons_own_logits(model: Model, llm: object, po
         np.testing.assert_allclose(scores.logp_not_matching, expected[:, 1], atol=ATOL)
     # The vector moves the scores by far more than the tolerance: the comparison has teeth.
     assert np.abs(steered.logp_matching - plain.logp_matching).max() > 20 * ATOL
+
+
+@pytest.mark.parametrize("flash_attn", ["on", "off"])
+def test_flash_attention_asked_for_holds_in_every_context(model: Model, flash_attn: str) -> None:
+    """--flash-attn reaches the scorer's contexts: each choice scores a whole prompt (decoded in
+    one batch, as llama-cpp-python decodes it) as llama-cpp-python does with the same choice."""
+    from caa_local.core.errors import CaaError
+
+    with pytest.raises(CaaError, match="flash attention must be one of auto, off, on"):
+        Model(model.path, flash_attn="fast")
+    chosen = Model(model.path, flash_attn=flash_attn)
+    llm = llama_cpp.Llama(str(model.path), n_ctx=512, n_threads=2, n_threads_batch=2, logits_all=True,
+                          flash_attn=flash_attn == "on", verbose=False)
+    q, m, n = QUESTIONS[1]
+    choice = Choice(({"role": "user", "content": q},), m, n)
+    (scores,) = score_ab(chosen.context(n_ctx=512, n_threads=2), [choice], [()], positions="all")
+    expected = [oracle_logp(llm, q, letter, "all", model.n_layer, None) for letter in (m, n)]
+    np.testing.assert_allclose([scores.logp_matching[0], scores.logp_not_matching[0]], expected, atol=ATOL)

@@ -48,7 +48,7 @@ class LlamaCppDecoder:
     llama-completion reports it: eval time plus sampling time per generated token (the Python
     loop around the calls is not counted)."""
 
-    def __init__(self, model_path: str, n_ctx: int, threads: int, n_batch: int = 512) -> None:
+    def __init__(self, model_path: str, n_ctx: int, threads: int, flash_attn: int, n_batch: int = 512) -> None:
         import llama_cpp as lc
 
         self.lc = lc
@@ -57,6 +57,7 @@ class LlamaCppDecoder:
         params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, n_batch, n_batch
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = False
+        params.flash_attn_type = flash_attn  # the Engine's (Model.native.flash_attn): like for like
         self.ctx = lc.llama_init_from_model(self.model, params)
         if not self.model or not self.ctx:
             raise RuntimeError(f"llama.cpp could not load {model_path}")

@@ -59,7 +59,8 @@ def _native_group(cfg: Config) -> dict[str, Any]:
 
     engine = _engine(cfg)
     threads = engine.n_threads
-    llm = Llama(str(engine.model_path), n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(str(engine.model_path), n_ctx=cfg.n_ctx, n_threads=threads, n_threads_batch=threads,
+                flash_attn=engine.model.flash_attn != "off", verbose=False)  # llama.cpp's auto: on for the CPU
     messages = [{"role": "user", "content": STORY}]
     tokens, _ = engine.prompt(messages)
 
@@ -78,7 +79,7 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     figures: dict[str, dict[str, list[float]]] = {}
     native, base = interleaved(cfg.repeats, lambda: native_decode(engine, messages, cfg.decode_tokens), llama_decode)
     figures["decode_native_vs_llama_cpp_python"] = {"value": native, "baseline": base}
-    stock = LlamaCppDecoder(str(engine.model_path), cfg.n_ctx, threads)
+    stock = LlamaCppDecoder(str(engine.model_path), cfg.n_ctx, threads, engine.model.native.flash_attn)
     native, base = interleaved(cfg.repeats, lambda: native_decode(engine, messages, cfg.decode_tokens),
                                lambda: stock.decode_rate(tokens, cfg.decode_tokens))
     stock.close()

@@ -98,6 +98,26 @@ rpc_option = click.option(
          "in order; every layer unless --gpu-layers says how many. Repeatable.")
 
 
+FLASH_ATTN_KEY = "caa_local.flash_attn"  # where --flash-attn leaves its choice, for open_engine
+
+
+def _keep_flash_attn(ctx: click.Context, _param: click.Parameter, value: str) -> None:
+    ctx.meta[FLASH_ATTN_KEY] = value
+
+
+flash_attn_option = click.option(
+    "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+    expose_value=False, callback=_keep_flash_attn,
+    help="llama.cpp's flash attention (auto: llama.cpp chooses per device, on for the CPU). off decodes "
+         "long contexts on the CPU up to twice as fast; scores then depend slightly on batch shapes (README).")
+
+
+def flash_attn_choice() -> str:
+    """--flash-attn of the running command ("auto" outside a command)."""
+    ctx = click.get_current_context(silent=True)
+    return str(ctx.meta.get(FLASH_ATTN_KEY, "auto")) if ctx else "auto"
+
+
 def rpc_endpoints() -> list[str]:
     """The --rpc endpoints of the running command, checked for form (none outside a command)."""
     from caa_local.engine.rpc import parse_endpoints
@@ -117,6 +137,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="CPU threads (0, the default: all cores)."),
         click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
                      help="Layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
+        flash_attn_option,
         rpc_option,
     ]
     for option in reversed(options):
@@ -138,6 +159,7 @@ def extraction_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="CPU threads (0, the default: all cores; torch: its own default)."),
         click.option("n_gpu_layers", "--gpu-layers", type=int, default=0, show_default=True,
                      help="native: layers to offload to GPU (-1: all), with a CUDA/Metal build of llama.cpp."),
+        flash_attn_option,
         click.option("device", "--device", default="cpu", show_default=True,
                      help="torch: cpu, cuda, cuda:N, mps, or auto (accelerate device_map for big models)."),
         click.option("--force", is_flag=True, help="Overwrite OUT if it exists."),
@@ -175,7 +197,8 @@ def open_engine(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layer
     rpc = rpc_endpoints()
     if rpc and n_gpu_layers == 0:
         n_gpu_layers = -1  # --rpc alone: every layer goes to the workers
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, rpc=rpc)
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
+                    flash_attn=flash_attn_choice())
     engine.use_template(chat_template, fmt)
     trained = engine.meta(f"{engine.architecture}.context_length")
     if trained.isdigit() and n_ctx > int(trained):

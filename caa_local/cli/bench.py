@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from caa_local.cli import model_options
+from caa_local.cli import flash_attn_choice, model_options
 from caa_local.core.errors import CaaError
 
 
@@ -43,6 +43,8 @@ def bench(model_path: Path | None, n_ctx: int, n_threads: int, n_gpu_layers: int
 
     if n_gpu_layers:
         raise CaaError("bench measures the CPU path: --gpu-layers is not supported here")
+    if flash_attn_choice() != "auto":
+        raise CaaError("bench measures llama.cpp's default attention: --flash-attn is not supported here")
     if n_threads < 0:
         raise CaaError(f"--threads must be positive (or 0 for all cores), got {n_threads}")
     for path in (json_out, markdown_out):

@@ -85,6 +85,9 @@ class Sampling:
 
 
 # The chat's sampling (REPL, generate, the coherence checks of calibration and evaluation).
+# --flash-attn: llama.cpp's choice per device ("auto": on for the CPU), or on or off for every context.
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
 
 
@@ -99,17 +102,22 @@ class Model:
     """A loaded GGUF: the weights, tokenizer, chat template and facts, shared by every context
     made on it (``model.context()``); load it once, open as many contexts as memory allows."""
 
-    def __init__(self, path: str | Path | None = None, n_gpu_layers: int = 0, rpc: Sequence[str] = ()) -> None:
-        """``rpc``: host:port of llama.cpp RPC workers; ``n_gpu_layers`` offloads to them first."""
+    def __init__(self, path: str | Path | None = None, n_gpu_layers: int = 0, rpc: Sequence[str] = (),
+                 flash_attn: str = "auto") -> None:
+        """``rpc``: host:port of llama.cpp RPC workers; ``n_gpu_layers`` offloads to them first;
+        ``flash_attn`` (auto, on, off) holds for every context on the model (``FLASH_ATTN``)."""
+        if flash_attn not in FLASH_ATTN:
+            raise CaaError(f"flash attention must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
         self.path = resolve_gguf(path)
         self.rpc = rpc_connect(rpc)
         try:
-            self.native = _native.Model(str(self.path), n_gpu_layers, self.rpc)
+            self.native = _native.Model(str(self.path), n_gpu_layers, self.rpc, FLASH_ATTN[flash_attn])
         except (ValueError, RuntimeError) as err:
             raise ModelLoadError(f"{self.path}: {err}") from None
         self.n_embd: int = self.native.n_embd
         self.n_layer: int = self.native.n_layer
         self.n_vocab: int = self.native.n_vocab
+        self.flash_attn = flash_attn
         self.architecture: str = self.native.meta("general.architecture")
         self.name: str = self.native.meta("general.name") or self.path.stem
         self.bos_token = self._special("tokenizer.ggml.bos_token_id")
@@ -209,12 +217,13 @@ class Engine:
         n_gpu_layers: int = 0,
         n_batch: int = 512,
         rpc: Sequence[str] = (),
+        flash_attn: str = "auto",
     ) -> None:
         """A context on ``model``: a loaded ``Model`` (shared, no second load), or a GGUF path
-        or name to load (None: the default model) with ``n_gpu_layers`` and ``rpc`` as ``Model``
-        takes them."""
+        or name to load (None: the default model) with ``n_gpu_layers``, ``rpc`` and
+        ``flash_attn`` as ``Model`` takes them."""
         check_sizes(n_ctx, n_threads)
-        self._model = model if isinstance(model, Model) else Model(model, n_gpu_layers, rpc)
+        self._model = model if isinstance(model, Model) else Model(model, n_gpu_layers, rpc, flash_attn)
         try:
             self._session = _native.Session(self._model.native, n_ctx, n_threads, n_batch)
         except (ValueError, RuntimeError) as err:
