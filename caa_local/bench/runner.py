@@ -35,13 +35,13 @@ SPECS: dict[str, tuple[str, str | None, float | None, str]] = {
         "native decode steered at every steerable layer (the worst case) vs no vector"),
     "decode_native_vs_llama_cpp_python": (
         "tok/s", ">=", 1.03,
-        "Engine.generate vs llama-cpp-python Llama.generate: same GGUF, threads, greedy decoding, "
+        "Engine.generate vs llama-cpp-python Llama.generate: same GGUF, threads, attention, greedy decoding, "
         "prompt decoded untimed"),
     "decode_native_vs_llama_cpp": (
         "tok/s", ">=", 0.98,
         "Engine.generate (wall clock, all per-token work) vs stock llama.cpp through its C API with "
         "{stock_threadpool}: same GGUF, context, threads, greedy sampler; llama.cpp's own eval + "
-        "sampling time per token (ours reused its graph {graphs_reused} single-token decodes)"),
+        "sampling time per token (llama.cpp reused our context's graph {graphs_reused})"),
     "decode_rpc_local_vs_cpu": (
         "tok/s", None, None,
         "every layer on one loopback `caa-local rpc-worker` (llama.cpp's RPC backend) vs the same "

@@ -143,7 +143,8 @@ def _native_group(cfg: Config) -> dict[str, Any]:
     return {"figures": figures, "facts": {"threads": threads, "ab_settings": len(settings),
                                           "stock_threadpool": "a persistent threadpool" if stock.threadpool
                                           else "no threadpool (not found)",
-                                          "graphs_reused": f"{graphs['graphs_reused']} of {graphs['single_decodes']}",
+                                          "graphs_reused": f"{graphs['graphs_reused']} times, prompts included, in "
+                                                            f"{graphs['single_decodes']} single-token decodes",
                                           "ab_questions": len(choices), "ab_prompt_tokens": max(ab_tokens),
                                           "prefill_tokens": len(long_prompt)}}
 
