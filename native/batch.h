@@ -86,6 +86,8 @@ class Batch {
     void set_keep_logprobs(bool on) { keep_logprobs_ = on; }
     bool keep_logprobs() const { return keep_logprobs_; }
     int64_t scored_from_cache() const { return scored_from_cache_; }
+    // Prompt prefixes a request took from another sequence's cache (share_prefix()).
+    int64_t prefixes_shared() const { return prefixes_shared_; }
     // Counters: llama_decode calls made per mode, and row additions made by the callback.
     int64_t decodes_cvec() const { return decodes_cvec_; }
     int64_t decodes_rows() const { return decodes_rows_; }
@@ -122,6 +124,9 @@ class Batch {
     // Forgets the listed requests, waiting or running, with no event.
     void drop(const std::vector<int64_t> & ids);
     size_t reusable(const Sequence & s, const BatchRequest & r, uint64_t steering_id) const;
+    // The prefix `seq`'s request can keep: its own cache's (`own`), or a longer one copied from
+    // another sequence's cache. Returns the tokens now reusable.
+    size_t share_prefix(uint32_t seq, size_t own);
 
     SharedModel model_;
     uint32_t n_seq_;
@@ -131,6 +136,7 @@ class Batch {
     bool force_rows_ = false;
     bool keep_logprobs_ = false;
     int64_t scored_from_cache_ = 0;
+    int64_t prefixes_shared_ = 0;
     RowSteer probe_;
     std::unique_ptr<Threadpool> threadpool_; // declared before ctx_: freed after it
     ContextPtr ctx_;

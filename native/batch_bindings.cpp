@@ -75,10 +75,12 @@ void bind_batch(nb::module_ & m) {
                      "Keep what unsteered requests sampled, scored: later scoring requests read it from the cache.")
         .def_prop_ro("counters",
                      [](const caa::Batch & b) {
-                         return nb::make_tuple(b.decodes_cvec(), b.decodes_rows(), b.rows_added(), b.scored_from_cache());
+                         return nb::make_tuple(b.decodes_cvec(), b.decodes_rows(), b.rows_added(), b.scored_from_cache(),
+                                               b.prefixes_shared());
                      },
                      "(llama_decode calls through the control vector, calls with per-row directions, "
-                     "row additions made, scored tokens read from the cache).")
+                     "row additions made, scored tokens read from the cache, prompt prefixes copied from "
+                     "another sequence).")
         .def("submit", &caa::Batch::submit, "request"_a, "Queue a request (thread-safe); returns its id.")
         .def("cancel", &caa::Batch::cancel, "id"_a, "Stop a queued or running request at the next step (thread-safe).")
         .def("step",

@@ -417,3 +417,24 @@ def test_bad_requests_get_one_clear_error(model: Model, engine: Engine) -> None:
     with pytest.raises(CaaError, match="sequences"):
         Batch(model, n_seq=0)
     assert batch.live == 0 and batch.waiting == 0
+
+
+def test_a_prefix_another_sequence_decoded_is_copied_not_decoded_again(
+        model: Model, mixed: list[Conversation], solo: Callable[[Conversation], Decoded], tolerance: float) -> None:
+    """One prompt under two steerings at once, after a sequence has answered it: the first takes
+    its own cache back, the second (on an empty sequence) copies the unsteered prefix from the
+    first one's, running, and decodes only the rest; both answer as if decoded alone."""
+    plain, steered = mixed[0], dataclasses.replace(mixed[1], tokens=mixed[0].tokens, steer_from=mixed[0].steer_from)
+    batch = Batch(model, n_seq=2, n_ctx=512, n_threads=2)
+    batch.run([plain])
+    assert batch.counters()["prefixes_shared"] == 0
+    results = batch.run_logits([plain, steered])
+    assert batch.counters()["prefixes_shared"] == 1
+    assert [r.n_reused_tokens for r, _ in results] == [len(plain.tokens) - 1, plain.steer_from]
+    for item, got in zip((plain, steered), results):
+        compare(solo(item), got, tolerance)
+    # Nothing to gain (a prefix shorter than the copy is worth): decoded in place, not copied.
+    short = dataclasses.replace(plain, tokens=plain.tokens[:8], steer_from=8)
+    fresh = Batch(model, n_seq=2, n_ctx=512, n_threads=2)
+    fresh.run([short, dataclasses.replace(short, sampling=dataclasses.replace(GREEDY, seed=1))])
+    assert fresh.counters()["prefixes_shared"] == 0

@@ -15,7 +15,9 @@
 Each conversation has its own prompt, steering (terms, or none), sampling, seed, stop strings
 and token budget. Its prompt is prefilled with the paper's position mask (positions before
 ``steer_from`` unsteered); a finished sequence leaves and a waiting one joins between steps,
-reusing the longest prefix a free sequence has cached. A decode whose rows share one steering
+reusing the longest prefix a free sequence has cached, or copying a longer one from another
+sequence's cache (a shared system prompt, one prompt under several steerings) when that saves
+more prefill than copying a KV stream costs. A decode whose rows share one steering
 goes through llama.cpp's control vector; one that mixes steerings adds each row's direction at
 the steered blocks' outputs (native/batch.cpp). ``submit``/``step``/``cancel`` drive it step by
 step (the server's continuous batching); ``run`` answers a list at once.
@@ -133,10 +135,12 @@ class Batch:
 
     def counters(self) -> dict[str, int]:
         """llama_decode calls through the control vector and with per-row directions, the row
-        additions made (a mixed batch that adds nothing would be a silent no-op) and the scored
-        tokens ``perplexities`` read from the cache (``keep_logprobs``)."""
-        cvec, rows, added, cached = self._native.counters
-        return {"decodes_cvec": cvec, "decodes_rows": rows, "rows_added": added, "scored_from_cache": cached}
+        additions made (a mixed batch that adds nothing would be a silent no-op), the scored
+        tokens ``perplexities`` read from the cache (``keep_logprobs``) and the prompt prefixes a
+        request copied from another sequence's cache."""
+        cvec, rows, added, cached, shared = self._native.counters
+        return {"decodes_cvec": cvec, "decodes_rows": rows, "rows_added": added, "scored_from_cache": cached,
+                "prefixes_shared": shared}
 
     # -- requests ---------------------------------------------------------------------------
     def _request(self, item: Conversation, record_logits: bool = False) -> _native.BatchRequest:
