@@ -23,7 +23,8 @@ void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
 } // namespace
 
 Model::Model(const std::string & path, int32_t n_gpu_layers, const std::vector<std::string> & rpc_endpoints,
-             llama_flash_attn_type flash_attn) {
+             llama_flash_attn_type flash_attn)
+    : flash_attn_(flash_attn) {
     static const bool backend_ready = [] {
         llama_log_set(quiet_log, nullptr);
         llama_backend_init();
@@ -49,7 +50,6 @@ Model::Model(const std::string & path, int32_t n_gpu_layers, const std::vector<s
         throw std::invalid_argument(path + ": llama.cpp could not load this model file");
     }
     vocab_ = llama_model_get_vocab(model_.get());
-    flash_attn_ = flash_attn;
 }
 
 std::string Model::meta(const std::string & key) const {
