@@ -84,10 +84,10 @@ class Sampling:
     max_tokens: int = 256
 
 
-# The chat's sampling (REPL, generate, the coherence checks of calibration and evaluation).
 # --flash-attn: llama.cpp's choice per device ("auto": on for the CPU), or on or off for every context.
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 
+# The chat's sampling (REPL, generate, the coherence checks of calibration and evaluation).
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
 
 
