@@ -196,6 +196,8 @@ NB_MODULE(_native, m) {
              "Decode each question's unsteered prefix once, for scoring many settings.")
         .def_prop_ro("n_questions", &caa::Scorer::n_questions)
         .def_prop_ro("n_options", &caa::Scorer::n_options)
+        .def_prop_ro("max_tail", &caa::Scorer::max_tail)
+        .def_prop_ro("n_ctx", &caa::Scorer::n_ctx)
         .def("score",
              [](caa::Scorer & sc, const std::vector<std::vector<std::vector<llama_token>>> & continuations,
                 const std::vector<std::vector<int32_t>> & n_scored, nb::object buf, int32_t il_start, int32_t il_end) {

@@ -26,6 +26,8 @@ class Scorer {
 
     int32_t n_questions() const { return static_cast<int32_t>(prefix_len_.size()); }
     int32_t n_options() const { return n_options_; }
+    int32_t max_tail() const { return max_tail_; }
+    uint32_t n_ctx() const { return llama_n_ctx(ctx_.get()); } // KV cells of all streams together
     const Model & model() const { return *model_; }
 
   private:

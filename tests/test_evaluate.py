@@ -19,6 +19,7 @@ from caa_local.eval.ab import SweepResult, ab_sweep
 from caa_local.eval.capability import capability_eval
 from caa_local.eval.open_ended import open_ended
 from caa_local.eval.judge import RUBRICS, export_rows, judge, judge_summary, parse_score
+from caa_local.engine import scoring
 from caa_local.engine.scoring import choices_from_items, score_ab, score_ab_naive
 from caa_local.core.parsing import parse_multipliers
 from caa_local.core.steering import Steering
@@ -106,6 +107,34 @@ def test_fast_path_equals_naive_with_letters_beyond_b(engine: Engine) -> None:
         np.testing.assert_allclose(scores.logp_matching, naive.logp_matching, atol=2e-3)
         np.testing.assert_allclose(scores.logp_not_matching, naive.logp_not_matching, atol=2e-3)
     assert not np.allclose(fast[0].logp_matching, fast[1].logp_matching, atol=1e-3)
+
+
+def test_a_question_set_scored_again_reuses_its_decoded_prefixes(
+        engine: Engine, items: list[ABItem], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibration scores its validation questions again after the layer sweep: the context
+    keeps the scorers of A/B question sets, so the second scoring decodes only the steered
+    tails, and scores exactly as a context that never saw the questions."""
+    import caa_local.engine.engine as engine_module
+
+    vector = random_vector(engine.n_embd, [12], norm=30.0, seed=3)
+    choices = choices_from_items(items)
+    first = [(), (engine.make_term("v", vector, -1.0, [12]),)]
+    again = [(engine.make_term("v", vector, 1.5, [12]),), ()]
+    score_ab(engine, choices, first)
+    prepared = [scoring._prepare(engine, c) for c in choices]
+    kept = engine.scorer([p.prefix for p in prepared], 2, 1, keep=True)
+    assert engine.scorer([p.prefix for p in prepared], 2, 1, keep=True) is kept  # no second decode
+    reused = score_ab(engine, choices, again)
+    fresh = score_ab(engine.new_context(), choices, again)
+    for a, b in zip(reused, fresh):
+        np.testing.assert_array_equal(a.logp_matching, b.logp_matching)
+        np.testing.assert_array_equal(a.logp_not_matching, b.logp_not_matching)
+    assert not np.array_equal(reused[0].logp_matching, reused[1].logp_matching)
+    # Scorers that are not kept (perplexities) or do not fit the budget are made anew.
+    assert engine.scorer([p.prefix for p in prepared], 2, 1) is not kept
+    monkeypatch.setattr(engine_module, "KEPT_SCORER_BYTES", 0)
+    engine.scorer([p.prefix for p in prepared], 2, 1, keep=True)  # handed out, then let go
+    assert engine.scorer([p.prefix for p in prepared], 2, 1, keep=True) is not kept
 
 
 def test_options_that_differ_in_their_last_token_score_as_when_decoded_one_by_one(engine: Engine) -> None:

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,11 @@ class Sampling:
 
 # --flash-attn: llama.cpp's choice per device ("auto": on for the CPU), or on or off for every context.
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+# KV each context keeps of the scorers it made, most recent first: a question set scored again
+# in the same chunks (calibration re-scores its validation questions after the layer sweep)
+# reuses their decoded prefixes instead of decoding them again.
+KEPT_SCORER_BYTES = 512 << 20
 
 # The chat's sampling (REPL, generate, the coherence checks of calibration and evaluation).
 CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, repeat_penalty=1.1, seed=0, max_tokens=256)
@@ -233,6 +239,7 @@ class Engine:
         self._n_threads_asked = n_threads
         self._n_batch = n_batch
         self._probe: _native.RowProbe | None = None  # reads block outputs for conditions (core/condition.py)
+        self._scorers: OrderedDict[tuple[int, tuple[tuple[int, ...], ...]], _native.Scorer] = OrderedDict()
 
     @property
     def model(self) -> Model:
@@ -550,10 +557,24 @@ class Engine:
             raise ContextFullError(str(err)) from None
 
     # -- batched scoring and reading (caa_local.engine.scoring, caa_local.engine.reads) ----------
-    def scorer(self, prefixes: Sequence[Sequence[int]], n_options: int, max_tail: int) -> _native.Scorer:
+    def scorer(self, prefixes: Sequence[Sequence[int]], n_options: int, max_tail: int,
+               keep: bool = False) -> _native.Scorer:
         """A native Scorer on this context's model and threads: each of ``prefixes`` decoded
-        once, unsteered, in a KV stream of its own (see caa_local.engine.scoring)."""
-        return _native.Scorer(self._session, [list(p) for p in prefixes], n_options, max_tail)
+        once, unsteered, in a KV stream of its own (see caa_local.engine.scoring). ``keep``:
+        for question sets likely to be scored again; the scorer stays among the last ones kept
+        (``KEPT_SCORER_BYTES``), and the same prefixes and options asked again get it back,
+        its prefixes still decoded."""
+        if not keep:
+            return _native.Scorer(self._session, [list(p) for p in prefixes], n_options, max_tail)
+        key = (n_options, tuple(tuple(p) for p in prefixes))
+        scorer = self._scorers.pop(key, None)
+        if scorer is None or scorer.max_tail < max_tail:
+            scorer = _native.Scorer(self._session, [list(p) for p in key[1]], n_options, max_tail)
+        self._scorers[key] = scorer
+        per_cell = self._model.kv_bytes_per_token
+        while self._scorers and sum(s.n_ctx for s in self._scorers.values()) * per_cell > KEPT_SCORER_BYTES:
+            self._scorers.popitem(last=False)
+        return scorer
 
     def reader(self, prefix: Sequence[int], layers: Sequence[int], max_pairs: int, max_len: int) -> _native.Reader:
         """A native Reader of block outputs on this context's model and threads, ``prefix``

@@ -151,7 +151,7 @@ def score_ab(
     logp = np.zeros((len(settings), len(prepared), 2))
     for chunk in _chunks(prepared, budget_tokens, _native.LLAMA_MAX_SEQ // 2):
         max_tail = max(len(c) for i in chunk for c in prepared[i].continuations)
-        scorer = engine.scorer([prepared[i].prefix for i in chunk], 2, max_tail)
+        scorer = engine.scorer([prepared[i].prefix for i in chunk], 2, max_tail, keep=True)
         conts = [prepared[i].continuations for i in chunk]
         n_scored = [prepared[i].n_scored for i in chunk]
         for s, buffer in enumerate(packed):
