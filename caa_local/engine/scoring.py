@@ -145,9 +145,7 @@ def score_ab(
             _Prepared([], [p.prefix + c for c in p.continuations], p.n_scored) for p in prepared
         ]
     packed = _buffers(engine, settings)
-    # Worst case KV per token without GQA: K and V, f16, every layer.
-    bytes_per_token = 4 * engine.n_layer * engine.n_embd
-    budget_tokens = max(kv_budget_bytes // bytes_per_token, 512)
+    budget_tokens = max(kv_budget_bytes // engine.model.kv_bytes_per_token, 512)
     logp = np.zeros((len(settings), len(prepared), 2))
     for chunk in _chunks(prepared, budget_tokens, _native.LLAMA_MAX_SEQ // 2):
         max_tail = max(len(c) for i in chunk for c in prepared[i].continuations)
