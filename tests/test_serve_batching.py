@@ -3,7 +3,9 @@ the server tests that do not depend on separate contexts, and steers each reques
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,3 +54,19 @@ def test_concurrent_requests_are_steered_each_its_own_way(server: ServerProcess)
     assert all(together) and len(set(together)) == len(settings)  # three steerings, three answers
     health = server.health()
     assert health["slots"] == 2 and health["served"] >= len(settings)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_a_conditional_request_beside_the_batch_leaves_no_thread_behind(server: ServerProcess) -> None:
+    """Conditional requests run beside the batch on a thread that ends with them: a lasting
+    thread that has computed keeps an OpenMP team, which slows every later batch decode."""
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{server.proc.pid}/task"))
+
+    ask(server, [{"vector": "sentiment", "scale": 1}])  # whatever a first request starts, it has started
+    before = threads()
+    answer = ask(server, [{"vector": "sentiment", "scale": 2, "when": ["work"]}], prompt="Draft a memo to my team.")
+    deadline = time.monotonic() + 5
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert answer and threads() <= before

@@ -48,7 +48,8 @@ class BatchPool:
         self.engine = engine
         self.batch = Batch(engine.model, n_seq=parallel, n_ctx=engine.n_ctx, n_threads=engine.n_threads)
         self.slots = [Lane(i, engine) for i in range(parallel)]
-        self.side = SlotPool([engine], max_queue=max_queue)  # conditional requests (see above)
+        # Conditional requests (see above), each on a thread that ends with it (ThreadPerCall).
+        self.side = SlotPool([engine], max_queue=max_queue, thread_per_call=True)
         self.max_queue = max_queue
         self.served = 0
         self.cancelled = 0  # generations stopped because their client left

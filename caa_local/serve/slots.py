@@ -25,9 +25,9 @@ import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from caa_local.core.templates import shared_prefix
 from caa_local.engine.engine import Engine, GenerationResult
@@ -50,6 +50,44 @@ class QueueFullError(Exception):
     """More requests are waiting than the server's --max-queue allows."""
 
 
+class ThreadPerCall(Executor):
+    """Runs each call on a thread of its own that ends with it. For a slot beside a batch whose
+    thread decodes all the time: a thread that has computed keeps an OpenMP team, and a second
+    team slows every decode of the process for good (see ``Model.require_steerable``)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as err:  # noqa: BLE001 - handed to whoever awaits the future
+                        future.set_exception(err)
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name=self._name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if wait:
+            with self._lock:
+                running = list(self._threads)
+            for thread in running:
+                thread.join()
+
+
 @dataclass
 class Slot:
     index: int
@@ -57,10 +95,12 @@ class Slot:
     cancel: threading.Event = field(default_factory=threading.Event)
     last_used: float = 0.0
     cached: list[int] = field(default_factory=list)  # tokens of the last prompt + answer
-    executor: ThreadPoolExecutor = field(init=False)
+    thread_per_call: bool = False  # ThreadPerCall instead of one lasting thread
+    executor: Executor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"caa-slot-{self.index}")
+        name = f"caa-slot-{self.index}"
+        self.executor = ThreadPerCall(name) if self.thread_per_call else ThreadPoolExecutor(1, thread_name_prefix=name)
 
 
 @dataclass(eq=False)
@@ -81,8 +121,8 @@ def run_plan(engine: Engine, plan: Plan, on_piece: Callable[[str], bool], should
 
 class SlotPool:
     def __init__(self, engines: Sequence[Engine], max_queue: int = 256,
-                 runner: Callable[..., GenerationResult] = run_plan) -> None:
-        self.slots = [Slot(i, engine) for i, engine in enumerate(engines)]
+                 runner: Callable[..., GenerationResult] = run_plan, thread_per_call: bool = False) -> None:
+        self.slots = [Slot(i, engine, thread_per_call=thread_per_call) for i, engine in enumerate(engines)]
         self._free: list[Slot] = list(self.slots)
         self._waiters: collections.deque[asyncio.Future[Slot]] = collections.deque()
         self.max_queue = max_queue
