@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 __all__ = ["ControlVector", "Engine", "Model", "Sampling", "__version__"]
 
 if TYPE_CHECKING:
-    from caa_local.engine.engine import Engine, Model, Sampling
+    from caa_local.engine.engine import Engine, Sampling
+    from caa_local.engine.model import Model
     from caa_local.core.vector import ControlVector
 
 
@@ -23,7 +24,11 @@ def __getattr__(name: str) -> object:
         from caa_local.core.vector import ControlVector
 
         return ControlVector
-    if name in ("Engine", "Model", "Sampling"):
+    if name == "Model":
+        from caa_local.engine.model import Model
+
+        return Model
+    if name in ("Engine", "Sampling"):
         from caa_local.engine import engine
 
         return getattr(engine, name)

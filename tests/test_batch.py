@@ -20,7 +20,8 @@ import pytest
 from caa_local.core.errors import CaaError
 from caa_local.core.vector import ControlVector
 from caa_local.engine.batch import Batch, Conversation, sequences_within
-from caa_local.engine.engine import CHAT_SAMPLING, ContextFullError, Engine, GenerationResult, Model, Sampling
+from caa_local.engine.engine import CHAT_SAMPLING, ContextFullError, Engine, GenerationResult, Sampling
+from caa_local.engine.model import Model
 from caa_local.core.locate import load_vector
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from caa_local.chat.repl import ChatSession
-from caa_local.engine.engine import CHAT_SAMPLING, Engine, Model
+from caa_local.engine.engine import CHAT_SAMPLING, Engine
+from caa_local.engine.model import Model
 from caa_local.core.vector import ControlVector
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,8 @@ import pytest
 from caa_local.eval import analyze
 from caa_local.eval import plots
 from caa_local.core.datasets import ABItem, load_ab, split
-from caa_local.engine.engine import Engine, Model
+from caa_local.engine.engine import Engine
+from caa_local.engine.model import Model
 from caa_local.core.errors import CaaError
 from caa_local.eval.ab import SweepResult, ab_sweep
 from caa_local.eval.capability import capability_eval

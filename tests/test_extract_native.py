@@ -18,7 +18,8 @@ from caa_local.core.errors import CaaError
 from caa_local.core.extraction import encode_pairs
 from caa_local.core.locate import file_sha256
 from caa_local.engine import reads
-from caa_local.engine.engine import Engine, Model
+from caa_local.engine.engine import Engine
+from caa_local.engine.model import Model
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -126,7 +126,8 @@ def batch_decode_rate(batch: Any, items: Sequence[Any]) -> float:
 def batch_group(cfg: Config) -> dict[str, Any]:
     from caa_local.bench.chat import random_vector
     from caa_local.engine.batch import Batch, Conversation
-    from caa_local.engine.engine import Model, Sampling
+    from caa_local.engine.engine import Sampling
+    from caa_local.engine.model import Model
 
     model = Model(cfg.model)
     engine = model.context(n_ctx=256, n_threads=cfg.threads)  # renders prompts; its context stays idle

@@ -39,7 +39,7 @@ from caa_local.engine import _native
 from caa_local.engine.engine import ContextFullError, GenerationResult, Sampling, check_sizes
 
 if TYPE_CHECKING:
-    from caa_local.engine.engine import Model
+    from caa_local.engine.model import Model
 
 
 # KV cache a batch that a command sizes itself (calibration, evaluation) may take: a 7B model
