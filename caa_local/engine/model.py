@@ -17,6 +17,7 @@ from caa_local.core.locate import resolve_gguf
 from caa_local.core.templates import ChatTemplate, resolve_template
 from caa_local.engine import _native
 from caa_local.engine.rpc import connect as rpc_connect
+from caa_local.engine.threads import ThreadPerCall
 
 if TYPE_CHECKING:
     from caa_local.engine.engine import Engine
@@ -120,30 +121,18 @@ class Model:
         with self._lock:
             if self._steerable:
                 return
-            logits: list[npt.NDArray[np.float32]] = []
-            failed: list[Exception] = []
 
-            def probe() -> None:
-                try:
-                    session = _native.Session(self.native, 64, 0, 64)
-                    direction = np.random.default_rng(0).standard_normal(self.n_embd).astype(np.float32) * 50
-                    tokens = self.tokenize("Hello")[:4] or [0]
-                    logits.append(session.logits_after(tokens, len(tokens)))
-                    session.set_steering(np.tile(direction, (self.n_layer - 1, 1)), 1, self.n_layer - 1)
-                    logits.append(session.logits_after(tokens, 0))
-                except Exception as err:  # noqa: BLE001 - raised again on the calling thread
-                    failed.append(err)
+            def probe() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+                session = _native.Session(self.native, 64, 0, 64)
+                direction = np.random.default_rng(0).standard_normal(self.n_embd).astype(np.float32) * 50
+                tokens = self.tokenize("Hello")[:4] or [0]
+                before = session.logits_after(tokens, len(tokens))
+                session.set_steering(np.tile(direction, (self.n_layer - 1, 1)), 1, self.n_layer - 1)
+                return before, session.logits_after(tokens, 0)
 
-            # A thread of its own, which ends with the probe: with an OpenMP build of llama.cpp
-            # every thread that computes a graph keeps a team of OpenMP threads, and once the
-            # process holds more of them than there are cores, libgomp makes them all wait
-            # passively; a server's batch thread decoded 20% slower after the probe ran on the
-            # thread that answers requests.
-            thread = threading.Thread(target=probe, name="caa-steerable-probe")
-            thread.start()
-            thread.join()
-            if failed:
-                raise failed[0]
+            # One-off work: on a thread that ends with it, so that it leaves no OpenMP team on the
+            # caller's thread (engine/threads.py).
+            logits = ThreadPerCall("caa-steerable-probe").submit(probe).result()
             if np.array_equal(*logits):
                 raise ModelMismatchError(
                     f"{self.path.name}: architecture {self.architecture!r} ignores control "

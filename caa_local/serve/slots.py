@@ -25,12 +25,13 @@ import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from caa_local.core.templates import shared_prefix
 from caa_local.engine.engine import Engine, GenerationResult
+from caa_local.engine.threads import ThreadPerCall
 from caa_local.serve.planning import Plan
 from caa_local.serve.sse import StopFilter
 
@@ -50,44 +51,6 @@ class QueueFullError(Exception):
     """More requests are waiting than the server's --max-queue allows."""
 
 
-class ThreadPerCall(Executor):
-    """Runs each call on a thread of its own that ends with it. For a slot beside a batch whose
-    thread decodes all the time: a thread that has computed keeps an OpenMP team, and a second
-    team slows every decode of the process for good (see ``Model.require_steerable``)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._threads: set[threading.Thread] = set()
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-
-        def run() -> None:
-            try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args, **kwargs))
-                    except BaseException as err:  # noqa: BLE001 - handed to whoever awaits the future
-                        future.set_exception(err)
-            finally:
-                with self._lock:
-                    self._threads.discard(threading.current_thread())
-
-        thread = threading.Thread(target=run, name=self._name, daemon=True)
-        with self._lock:
-            self._threads.add(thread)
-        thread.start()
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if wait:
-            with self._lock:
-                running = list(self._threads)
-            for thread in running:
-                thread.join()
-
-
 @dataclass
 class Slot:
     index: int
@@ -95,7 +58,7 @@ class Slot:
     cancel: threading.Event = field(default_factory=threading.Event)
     last_used: float = 0.0
     cached: list[int] = field(default_factory=list)  # tokens of the last prompt + answer
-    thread_per_call: bool = False  # ThreadPerCall instead of one lasting thread
+    thread_per_call: bool = False  # ThreadPerCall (engine/threads.py) instead of one lasting thread
     executor: Executor = field(init=False)
 
     def __post_init__(self) -> None:
